@@ -1,0 +1,258 @@
+using System.Runtime.CompilerServices;
+using Iced.Intel;
+using Optpoline.Emit;
+using Optpoline.Memory;
+using Optpoline.Patcher;
+using Optpoline.Sites;
+
+namespace Optpoline;
+
+/// <summary>
+/// The engine a host runtime links: W^X code memory near the host's code, fallback thunks, and
+/// optpoline call sites emitted into the host's code.
+/// </summary>
+/// <example>
+/// <code>
+/// using var engine = new OptpolineEngine();
+/// var site = engine.CreateInlineSite(Register.RAX, inlineSlots: 1, "dispatch");
+/// var asm = new Assembler(64);
+/// asm.mov(rax, __qword_ptr[rdi]);   // target into RAX
+/// site.Emit(asm);                   // instead of call rax
+/// asm.ret();
+/// var code = engine.Assemble(asm);  // placed in engine memory, site bound
+/// site.Promote([hotTarget]);        // while no thread runs the code, in this version
+/// </code>
+/// </example>
+public sealed class OptpolineEngine : IDisposable
+{
+    private readonly ThunkTable _thunks;
+    private readonly List<Site> _sites = [];
+    private readonly ConditionalWeakTable<Assembler, List<(InlineSite Site, int Index)>> _pending = [];
+    private readonly Lock _lock = new();
+    private int _siteCounter;
+
+    /// <summary>Creates an engine: reserves code memory near the anchor and emits the fallback thunks.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">An option is out of range.</exception>
+    /// <exception cref="CodeMemoryExhaustedException">No code memory within reach of the anchor.</exception>
+    public OptpolineEngine(EngineOptions? options = null)
+    {
+        Options = options ?? new EngineOptions();
+        if (!Enum.IsDefined(Options.Fallback))
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), Options.Fallback, "Unknown FallbackKind.");
+        }
+
+        Code = new CodeMemory(Options.Memory);
+        try
+        {
+            _thunks = new ThunkTable(Code);
+        }
+        catch
+        {
+            Code.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The options the engine was created with.</summary>
+    public EngineOptions Options { get; }
+
+    /// <summary>The engine's code memory; allocate the host's generated code here so sites and targets stay in reach.</summary>
+    public CodeMemory Code { get; }
+
+    /// <summary>Every site created so far.</summary>
+    public IReadOnlyList<Site> Sites
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return [.. _sites];
+            }
+        }
+    }
+
+    /// <summary>The thunk sites of <paramref name="register"/> fall back to (per <see cref="EngineOptions.Fallback"/>).</summary>
+    public ulong GetFallback(Register register) => GetThunk(register, Options.Fallback);
+
+    /// <summary>
+    /// A shared thunk that behaves as <c>jmp R</c>: enter it with <c>call</c> for a hardened indirect call
+    /// or with <c>jmp</c> for a hardened indirect tail jump.
+    /// </summary>
+    /// <exception cref="ArgumentException">The register cannot carry a target.</exception>
+    public ulong GetThunk(Register register, FallbackKind kind)
+    {
+        SiteRegisters.Validate(register, nameof(register));
+        return _thunks.Address(register, kind);
+    }
+
+    /// <summary>Creates an inline site (emit it with <see cref="InlineSite.Emit"/> or <see cref="InlineSite.Write"/>).</summary>
+    /// <param name="register">Register that will hold the target: any 64-bit GPR but rsp and r11.</param>
+    /// <param name="inlineSlots">Compare-and-call slots before the outline chain: 0, 1 or 2.</param>
+    /// <param name="name">Name for statistics and traces; generated when null.</param>
+    /// <exception cref="ArgumentException">Bad register or slot count.</exception>
+    public InlineSite CreateInlineSite(Register register, int inlineSlots = 1, string? name = null)
+    {
+        SiteRegisters.Validate(register, nameof(register));
+        if (inlineSlots is < 0 or > InlineSite.MaxInlineSlots)
+        {
+            throw new ArgumentOutOfRangeException(nameof(inlineSlots), inlineSlots, $"An inline site has 0 to {InlineSite.MaxInlineSlots} inline slots.");
+        }
+
+        return Add(new InlineSite(this, register, inlineSlots, NameOrDefault(name)));
+    }
+
+    /// <summary>Creates an outline-only site: the host emits <c>call site.Entry</c>.</summary>
+    /// <exception cref="ArgumentException">Bad register.</exception>
+    public OutlineSite CreateOutlineSite(Register register, string? name = null)
+    {
+        SiteRegisters.Validate(register, nameof(register));
+        return Add(new OutlineSite(this, register, NameOrDefault(name)));
+    }
+
+    /// <summary>
+    /// Assembles host code into a new block of engine memory and binds every site emitted into
+    /// <paramref name="assembler"/>. Branches keep Iced's usual fixing for the host's own code; the
+    /// sites' bytes are checked after assembly.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">Assembly failed, or a site's bytes were rewritten.</exception>
+    /// <exception cref="CodeMemoryExhaustedException">No code memory within reach.</exception>
+    public CodeBlock Assemble(Assembler assembler, int alignment = 16)
+    {
+        ArgumentNullException.ThrowIfNull(assembler);
+        // Measure at the anchor (in reach of everything the code names), then place at the real address;
+        // if the encoding grows there, retry with room for it.
+        var estimate = new ArrayCodeWriter();
+        AssembleAt(assembler, estimate, Code.Anchor);
+        var size = estimate.Length + 64;
+        for (var attempt = 0; ; attempt++)
+        {
+            var block = Code.Allocate(size, alignment);
+            var writer = new ArrayCodeWriter();
+            AssemblerResult result;
+            try
+            {
+                result = AssembleAt(assembler, writer, block.Address);
+            }
+            catch
+            {
+                Code.Free(block);
+                throw;
+            }
+
+            if (writer.Length > block.Size)
+            {
+                Code.Free(block);
+                size = writer.Length + 64;
+                if (attempt > 2)
+                {
+                    throw new InvalidOperationException("Host code kept growing when placed; assemble it yourself into engine.Code and bind with InlineSite.Write.");
+                }
+
+                continue;
+            }
+
+            var bytes = writer.ToArray();
+            bytes.CopyTo(block.GetWritableSpan());
+            try
+            {
+                if (_pending.TryGetValue(assembler, out var sites))
+                {
+                    var offsets = result.Result[0].NewInstructionOffsets;
+                    foreach (var (site, index) in sites)
+                    {
+                        var offset = (int)offsets[index];
+                        site.Bind(block.Address + (ulong)offset, bytes.AsSpan(offset));
+                    }
+
+                    _pending.Remove(assembler);
+                }
+            }
+            catch
+            {
+                Code.Free(block);
+                throw;
+            }
+
+            return block;
+        }
+    }
+
+    /// <summary>
+    /// Decodes every byte of engine code (thunks, stubs, outline chains) and every bound site in the
+    /// host's code, and reports anything a site must never contain (an indirect branch outside the
+    /// fallback thunks, undecodable bytes). Empty when clean.
+    /// </summary>
+    public IReadOnlyList<string> AuditCode()
+    {
+        var problems = new List<string>();
+        problems.AddRange(Check(_thunks.Block, allowIndirect: true));
+        foreach (var site in Sites)
+        {
+            if (!site.IsBound)
+            {
+                continue;
+            }
+
+            if (!site.Stub.IsEmpty)
+            {
+                problems.AddRange(Check(site.Stub, allowIndirect: false).Select(p => $"site '{site.Name}' stub: {p}"));
+            }
+
+            if (site.Chain is { } chain)
+            {
+                problems.AddRange(Check(chain.Block, allowIndirect: false).Select(p => $"site '{site.Name}' chain: {p}"));
+            }
+
+            if (site is InlineSite inline)
+            {
+                var bytes = new byte[inline.InlineLength];
+                Code.Read(inline.Address, bytes);
+                problems.AddRange(CodeAudit.Check(bytes, inline.Address).Select(p => $"site '{site.Name}': {p}"));
+            }
+        }
+
+        return problems;
+    }
+
+    /// <summary>Releases all code memory. No thread may run engine or host code in it afterwards.</summary>
+    public void Dispose() => Code.Dispose();
+
+    /// <summary>Applies a batch to code no thread is running (this version's only patch path).</summary>
+    internal int ApplyPatches(IReadOnlyList<CodePatch> patches) => QuiescentPatcher.Apply(Code, patches);
+
+    internal void AddPendingSite(Assembler assembler, InlineSite site, int index)
+    {
+        lock (_lock)
+        {
+            _pending.GetOrAdd(assembler, _ => []).Add((site, index));
+        }
+    }
+
+    private static IEnumerable<string> Check(CodeBlock block, bool allowIndirect) =>
+        CodeAudit.Check(block.GetExecutableSpan(), block.Address, allowIndirect);
+
+    private static AssemblerResult AssembleAt(Assembler assembler, CodeWriter writer, ulong rip)
+    {
+        if (!assembler.TryAssemble(writer, rip, out var error, out var result, BlockEncoderOptions.ReturnNewInstructionOffsets))
+        {
+            throw new InvalidOperationException($"Assembling host code at 0x{rip:X} failed: {error}");
+        }
+
+        return result;
+    }
+
+    private T Add<T>(T site)
+        where T : Site
+    {
+        lock (_lock)
+        {
+            _sites.Add(site);
+        }
+
+        return site;
+    }
+
+    private string NameOrDefault(string? name) =>
+        string.IsNullOrWhiteSpace(name) ? $"site{Interlocked.Increment(ref _siteCounter)}" : name;
+}

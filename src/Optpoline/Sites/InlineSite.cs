@@ -1,0 +1,221 @@
+using Iced.Intel;
+using Optpoline.Emit;
+using Optpoline.Memory;
+
+namespace Optpoline.Sites;
+
+/// <summary>
+/// A site whose first slot lives in the host's code. Emitted as
+/// <code>
+/// S:  movabs r11, T0     ; patchable (an empty slot starts with jmp MISS instead)
+///     cmp    R, r11
+///     jne    MISS        ; to this site's stub in engine memory
+///     call   T0          ; patchable; falls through to the host's next instruction
+/// </code>
+/// The hit path takes no branch. The stub holds the second slot (if any), then
+/// <c>call OUT; jmp DONE</c> where OUT is an outline chain or the fallback. With no inline slot the
+/// site is a single patchable <c>call OUT</c> in the host's code.
+/// </summary>
+public sealed class InlineSite : Site
+{
+    /// <summary>Inline slots a site can have at most.</summary>
+    public const int MaxInlineSlots = 2;
+
+    private const int SlotLength = X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + X64.Rel32Length;
+
+    private readonly CodeBlock _stub;
+    private readonly List<ulong> _doneJumps = [];
+    private readonly Link? _pendingLink;
+    private ulong _address;
+    private int _boundLength;
+    private Assembler? _emittedInto;
+
+    internal InlineSite(OptpolineEngine engine, Register register, int inlineSlots, string name)
+        : base(engine, register, inlineSlots, name)
+    {
+        if (inlineSlots == 0)
+        {
+            return;
+        }
+
+        // Stub: [slot 1: jmp MISS1+int3 | cmp | jne MISS1 | call MISS1 | jmp DONE] MISS1: call OUT | jmp DONE.
+        // The jmp DONE fields are int3 until the site is bound and DONE is known.
+        var length = ((inlineSlots - 1) * (SlotLength + X64.Rel32Length)) + (2 * X64.Rel32Length);
+        _stub = engine.Code.Allocate(length, 16);
+        var at = _stub.Address;
+        var code = new List<Instruction>();
+        var lastMiss = at + (ulong)((inlineSlots - 1) * (SlotLength + X64.Rel32Length));
+        if (inlineSlots == 2)
+        {
+            code.Add(Instruction.CreateBranch(Code.Jmp_rel32_64, lastMiss));
+            AddInt3(code, X64.MovAbsLength - X64.Rel32Length);
+            code.Add(Instruction.Create(Code.Cmp_rm64_r64, register, Register.R11));
+            code.Add(Instruction.CreateBranch(Code.Jne_rel32_64, lastMiss));
+            code.Add(Instruction.CreateBranch(Code.Call_rel32_64, lastMiss));
+            AddInt3(code, X64.Rel32Length);
+            Slots.Add(new Slot(at, at + SlotLength - X64.Rel32Length, lastMiss, lastMiss));
+            _doneJumps.Add(at + SlotLength);
+        }
+
+        code.Add(Instruction.CreateBranch(Code.Call_rel32_64, engine.GetFallback(register)));
+        AddInt3(code, X64.Rel32Length);
+        _doneJumps.Add(lastMiss + X64.Rel32Length);
+        X64.Encode(at, code).CopyTo(_stub.GetWritableSpan());
+        _pendingLink = new Link(lastMiss, X64.CallRel32, engine.GetFallback(register));
+    }
+
+    /// <inheritdoc/>
+    public override SiteKind Kind => SiteKind.Inline;
+
+    /// <summary>
+    /// Bytes the site occupies in the host's code: once bound, what the host's assembler produced (it
+    /// may shorten the <c>jne</c>); before, what <see cref="Write"/> needs.
+    /// </summary>
+    public int InlineLength => _boundLength != 0 ? _boundLength : InlineSlotCount == 0 ? X64.Rel32Length : SlotLength;
+
+    /// <summary>Address of the site in the host's code, once bound (0 before).</summary>
+    public ulong Address => _address;
+
+    internal override CodeBlock Stub => _stub;
+
+    /// <summary>
+    /// Emits the site at the assembler's current position. Assemble the host code with
+    /// <see cref="OptpolineEngine.Assemble"/>, which places it in engine memory and binds the site.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The site was emitted already.</exception>
+    public void Emit(Assembler assembler)
+    {
+        ArgumentNullException.ThrowIfNull(assembler);
+        if (_emittedInto is not null || IsBound)
+        {
+            throw new InvalidOperationException($"Site '{Name}' was emitted already; create one site per call site.");
+        }
+
+        if (assembler.Bitness != 64)
+        {
+            throw new ArgumentException("Sites are x86-64 code: use a 64-bit Assembler.", nameof(assembler));
+        }
+
+        _emittedInto = assembler;
+        Engine.AddPendingSite(assembler, this, assembler.Instructions.Count);
+        foreach (var instruction in Template())
+        {
+            assembler.AddInstruction(instruction);
+        }
+    }
+
+    /// <summary>
+    /// Writes the site's bytes into <paramref name="block"/> at <paramref name="offset"/> (for hosts that
+    /// emit raw bytes) and binds it. The block must not be running yet.
+    /// </summary>
+    /// <returns>The number of bytes written (<see cref="InlineLength"/>).</returns>
+    /// <exception cref="ArgumentOutOfRangeException">The site does not fit at that offset.</exception>
+    public int Write(CodeBlock block, int offset)
+    {
+        if (offset < 0 || offset > block.Size - InlineLength)
+        {
+            throw new ArgumentOutOfRangeException(nameof(offset), offset, $"Site '{Name}' needs {InlineLength} bytes inside the {block.Size}-byte block.");
+        }
+
+        if (_emittedInto is not null || IsBound)
+        {
+            throw new InvalidOperationException($"Site '{Name}' was emitted already; create one site per call site.");
+        }
+
+        var address = block.Address + (ulong)offset;
+        var bytes = X64.Encode(address, Template());
+        bytes.CopyTo(block.GetWritableSpan()[offset..]);
+        Bind(address, bytes);
+        return bytes.Length;
+    }
+
+    /// <summary>
+    /// Checks the assembled bytes at <paramref name="address"/> (the host's assembler may have chosen
+    /// other encodings, or rewritten a far call to <c>call [rip+X]</c>), then writes the empty state.
+    /// </summary>
+    internal void Bind(ulong address, ReadOnlySpan<byte> code)
+    {
+        if (!Engine.Code.IsLive(address, InlineSlotCount == 0 ? X64.Rel32Length : 20))
+        {
+            throw new InvalidOperationException(
+                $"Site '{Name}' at 0x{address:X} is not inside engine code memory; allocate host code from engine.Code so the engine can patch it.");
+        }
+
+        var decoder = Decoder.Create(64, new ByteArrayCodeReader(code.ToArray()), address);
+        var fallback = Engine.GetFallback(Register);
+        if (InlineSlotCount == 0)
+        {
+            var call = decoder.Decode();
+            Expect(call.Code == Code.Call_rel32_64 && call.NearBranchTarget == fallback, call, "call rel32 to the fallback");
+            OutLink = new Link(address, X64.CallRel32, fallback);
+            _address = address;
+            _boundLength = X64.Rel32Length;
+            return;
+        }
+
+        var mov = decoder.Decode();
+        Expect(mov.Code == Code.Mov_r64_imm64 && mov.Op0Register == Register.R11, mov, "movabs r11, imm64");
+        var cmp = decoder.Decode();
+        Expect(cmp.Code == Code.Cmp_rm64_r64 && cmp.Op0Register == Register && cmp.Op1Register == Register.R11, cmp, $"cmp {Register}, r11");
+        var jne = decoder.Decode();
+        Expect(jne.Code is Code.Jne_rel32_64 or Code.Jne_rel8_64 && jne.NearBranchTarget == _stub.Address, jne, "jne to the site's stub");
+        var callSlot = decoder.Decode();
+        Expect(callSlot.Code == Code.Call_rel32_64, callSlot, "call rel32");
+
+        var done = callSlot.NextIP;
+        var slot0 = new Slot(address, callSlot.IP, _stub.Address, callSlot.NearBranchTarget);
+        var patches = new List<Patcher.CodePatch>
+        {
+            new(address, code[..X64.MovAbsLength].ToArray(), X64.EmptySlot(address, _stub.Address)),
+        };
+        foreach (var jump in _doneJumps)
+        {
+            patches.Add(new Patcher.CodePatch(jump, Int3s(X64.Rel32Length), X64.Rel32(X64.JmpRel32, jump, done)));
+        }
+
+        // Not yet published: the host runs this code only after Assemble/Write returns.
+        Engine.ApplyPatches(patches);
+        Slots.Insert(0, slot0);
+        OutLink = _pendingLink;
+        _address = address;
+        _boundLength = (int)(done - address);
+    }
+
+    private static byte[] Int3s(int count) => Enumerable.Repeat(X64.Int3, count).ToArray();
+
+    private static void AddInt3(List<Instruction> code, int count)
+    {
+        for (var i = 0; i < count; i++)
+        {
+            code.Add(Instruction.Create(Code.Int3));
+        }
+    }
+
+    private void Expect(bool ok, in Instruction found, string wanted)
+    {
+        if (!ok)
+        {
+            throw new InvalidOperationException(
+                $"Site '{Name}': expected '{wanted}' at 0x{found.IP:X} but found '{found}'. The site's bytes were changed after Emit " +
+                "(a far call becomes call [rip+X]); assemble with OptpolineEngine.Assemble into engine memory.");
+        }
+    }
+
+    private List<Instruction> Template()
+    {
+        var fallback = Engine.GetFallback(Register);
+        if (InlineSlotCount == 0)
+        {
+            return [Instruction.CreateBranch(Code.Call_rel32_64, fallback)];
+        }
+
+        // The call's placeholder target is the stub: near, and dead while the slot is empty.
+        return
+        [
+            Instruction.Create(Code.Mov_r64_imm64, Register.R11, 0UL),
+            Instruction.Create(Code.Cmp_rm64_r64, Register, Register.R11),
+            Instruction.CreateBranch(Code.Jne_rel32_64, _stub.Address),
+            Instruction.CreateBranch(Code.Call_rel32_64, _stub.Address),
+        ];
+    }
+}
