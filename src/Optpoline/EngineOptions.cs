@@ -1,5 +1,6 @@
 using Optpoline.Emit;
 using Optpoline.Memory;
+using Optpoline.Patcher;
 
 namespace Optpoline;
 
@@ -14,4 +15,19 @@ public sealed class EngineOptions
 
     /// <summary>Code memory placement and sizes.</summary>
     public CodeMemoryOptions Memory { get; init; } = new();
+
+    /// <summary>Live patching: the thread-flush signal and timeout.</summary>
+    public PatcherOptions Patching { get; init; } = new();
+
+    /// <summary>
+    /// Test-only: <c>pause</c> instructions emitted between a slot's compare and its call, to widen the
+    /// window in which a thread can be preempted inside a slot. Production code leaves it at 0.
+    /// </summary>
+    internal int SlotWindowPauses { get; init; }
+
+    /// <summary>
+    /// Test-only broken variant: promote into slots without waiting for a grace period. It exists so
+    /// that the concurrency tests can show they catch the bug it introduces.
+    /// </summary>
+    internal bool UnsafeSkipGracePeriod { get; init; }
 }

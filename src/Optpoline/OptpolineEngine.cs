@@ -42,6 +42,12 @@ public sealed class OptpolineEngine : IDisposable
             throw new ArgumentOutOfRangeException(nameof(options), Options.Fallback, "Unknown FallbackKind.");
         }
 
+        if (Options.SlotWindowPauses is < 0 or > 64)
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), Options.SlotWindowPauses, "SlotWindowPauses must be between 0 and 64.");
+        }
+
+        var patcher = new LivePatcher(Options.Patching);
         Code = new CodeMemory(Options.Memory);
         try
         {
@@ -52,6 +58,8 @@ public sealed class OptpolineEngine : IDisposable
             Code.Dispose();
             throw;
         }
+
+        Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
     }
 
     /// <summary>The options the engine was created with.</summary>
@@ -59,6 +67,15 @@ public sealed class OptpolineEngine : IDisposable
 
     /// <summary>The engine's code memory; allocate the host's generated code here so sites and targets stay in reach.</summary>
     public CodeMemory Code { get; }
+
+    /// <summary>Counters of the live patcher (batches, core syncs, flushes, traps).</summary>
+    public PatcherStatistics PatchStatistics => Scheduler.Patcher.Statistics;
+
+    /// <summary>Grace periods (thread flushes) completed for this engine's sites.</summary>
+    public long GracePeriods => Scheduler.GracePeriods;
+
+    /// <summary>Grace periods that timed out (their requests were rolled back).</summary>
+    public long GracePeriodTimeouts => Scheduler.GraceTimeouts;
 
     /// <summary>Every site created so far.</summary>
     public IReadOnlyList<Site> Sites
@@ -179,6 +196,31 @@ public sealed class OptpolineEngine : IDisposable
     }
 
     /// <summary>
+    /// Changes the targets of many sites in one batch: all demotions and all promotions that need no
+    /// grace period are applied with one INT3-protocol batch (3 core syncs) before this returns; the rest
+    /// waits for one shared thread flush and one more batch. The task completes when every site is in
+    /// its requested state; if the flush times out, the sites that waited for it are rolled back and the
+    /// task fails with <see cref="PatchTimeoutException"/>. Safe while other threads run the sites.
+    /// </summary>
+    /// <exception cref="ArgumentException">Bad targets, a site twice, or a site of another engine.</exception>
+    /// <exception cref="InvalidOperationException">A site is not bound yet.</exception>
+    /// <exception cref="TargetOutOfReachException">A target is out of reach; no site was changed.</exception>
+    /// <exception cref="CodeMemoryExhaustedException">No memory for an outline chain; no site was changed.</exception>
+    public Task PromoteAsync(IReadOnlyList<SiteUpdate> updates)
+    {
+        ArgumentNullException.ThrowIfNull(updates);
+        foreach (var update in updates)
+        {
+            if (update?.Site is { } site && !ReferenceEquals(site.Owner, this))
+            {
+                throw new ArgumentException($"Site '{site.Name}' belongs to another engine.", nameof(updates));
+            }
+        }
+
+        return Scheduler.Request(updates);
+    }
+
+    /// <summary>
     /// Decodes every byte of engine code (thunks, stubs, outline chains) and every bound site in the
     /// host's code, and reports anything a site must never contain (an indirect branch outside the
     /// fallback thunks, undecodable bytes). Empty when clean.
@@ -215,11 +257,20 @@ public sealed class OptpolineEngine : IDisposable
         return problems;
     }
 
-    /// <summary>Releases all code memory. No thread may run engine or host code in it afterwards.</summary>
-    public void Dispose() => Code.Dispose();
+    /// <summary>
+    /// Stops the grace-period worker (requests still waiting fail) and releases all code memory. No
+    /// thread may run engine or host code in it afterwards.
+    /// </summary>
+    public void Dispose()
+    {
+        Scheduler.Dispose();
+        Code.Dispose();
+    }
 
-    /// <summary>Applies a batch to code no thread is running (this version's only patch path).</summary>
-    internal int ApplyPatches(IReadOnlyList<CodePatch> patches) => QuiescentPatcher.Apply(Code, patches);
+    internal SiteScheduler Scheduler { get; }
+
+    /// <summary>Writes code that no thread can run yet (a site being bound before its code is returned to the host).</summary>
+    internal int ApplyUnpublished(IReadOnlyList<CodePatch> patches) => QuiescentPatcher.Apply(Code, patches);
 
     internal void AddPendingSite(Assembler assembler, InlineSite site, int index)
     {

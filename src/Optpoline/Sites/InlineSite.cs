@@ -21,18 +21,19 @@ public sealed class InlineSite : Site
     /// <summary>Inline slots a site can have at most.</summary>
     public const int MaxInlineSlots = 2;
 
-    private const int SlotLength = X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + X64.Rel32Length;
 
     private readonly CodeBlock _stub;
     private readonly List<ulong> _doneJumps = [];
     private readonly Link? _pendingLink;
     private ulong _address;
     private int _boundLength;
+    private readonly int _pauses;
     private Assembler? _emittedInto;
 
     internal InlineSite(OptpolineEngine engine, Register register, int inlineSlots, string name)
         : base(engine, register, inlineSlots, name)
     {
+        _pauses = engine.Options.SlotWindowPauses;
         if (inlineSlots == 0)
         {
             return;
@@ -51,10 +52,11 @@ public sealed class InlineSite : Site
             AddInt3(code, X64.MovAbsLength - X64.Rel32Length);
             code.Add(Instruction.Create(Code.Cmp_rm64_r64, register, Register.R11));
             code.Add(Instruction.CreateBranch(Code.Jne_rel32_64, lastMiss));
+            AddPauses(code);
             code.Add(Instruction.CreateBranch(Code.Call_rel32_64, lastMiss));
             AddInt3(code, X64.Rel32Length);
-            Slots.Add(new Slot(at, at + SlotLength - X64.Rel32Length, lastMiss, lastMiss));
-            _doneJumps.Add(at + SlotLength);
+            Slots.Add(new Slot(at, at + (ulong)(SlotLength - X64.Rel32Length), lastMiss, lastMiss));
+            _doneJumps.Add(at + (ulong)SlotLength);
         }
 
         code.Add(Instruction.CreateBranch(Code.Call_rel32_64, engine.GetFallback(register)));
@@ -66,6 +68,8 @@ public sealed class InlineSite : Site
 
     /// <inheritdoc/>
     public override SiteKind Kind => SiteKind.Inline;
+
+    private int SlotLength => X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + (2 * _pauses) + X64.Rel32Length;
 
     /// <summary>
     /// Bytes the site occupies in the host's code: once bound, what the host's assembler produced (it
@@ -160,6 +164,11 @@ public sealed class InlineSite : Site
         var jne = decoder.Decode();
         Expect(jne.Code is Code.Jne_rel32_64 or Code.Jne_rel8_64 && jne.NearBranchTarget == _stub.Address, jne, "jne to the site's stub");
         var callSlot = decoder.Decode();
+        while (callSlot.Code == Code.Pause)
+        {
+            callSlot = decoder.Decode();
+        }
+
         Expect(callSlot.Code == Code.Call_rel32_64, callSlot, "call rel32");
 
         var done = callSlot.NextIP;
@@ -174,7 +183,7 @@ public sealed class InlineSite : Site
         }
 
         // Not yet published: the host runs this code only after Assemble/Write returns.
-        Engine.ApplyPatches(patches);
+        Engine.ApplyUnpublished(patches);
         Slots.Insert(0, slot0);
         OutLink = _pendingLink;
         _address = address;
@@ -182,6 +191,14 @@ public sealed class InlineSite : Site
     }
 
     private static byte[] Int3s(int count) => Enumerable.Repeat(X64.Int3, count).ToArray();
+
+    private void AddPauses(List<Instruction> code)
+    {
+        for (var i = 0; i < _pauses; i++)
+        {
+            code.Add(Instruction.Create(Code.Pause));
+        }
+    }
 
     private static void AddInt3(List<Instruction> code, int count)
     {
@@ -210,12 +227,14 @@ public sealed class InlineSite : Site
         }
 
         // The call's placeholder target is the stub: near, and dead while the slot is empty.
-        return
-        [
+        var code = new List<Instruction>
+        {
             Instruction.Create(Code.Mov_r64_imm64, Register.R11, 0UL),
             Instruction.Create(Code.Cmp_rm64_r64, Register, Register.R11),
             Instruction.CreateBranch(Code.Jne_rel32_64, _stub.Address),
-            Instruction.CreateBranch(Code.Call_rel32_64, _stub.Address),
-        ];
+        };
+        AddPauses(code);
+        code.Add(Instruction.CreateBranch(Code.Call_rel32_64, _stub.Address));
+        return code;
     }
 }

@@ -13,16 +13,14 @@ namespace Optpoline.Sites;
 /// </summary>
 /// <remarks>
 /// Invariant (guarded): a direct call to T is only reached after <c>R == T</c> was compared in the same
-/// bytes, so promotion changes speed, never which function runs. In this version, changing a site's
-/// targets is valid only while no thread executes it (before its code is published, or with every
-/// caller stopped).
+/// consistently patched bytes, so promotion changes speed, never which function runs. Targets can be
+/// changed from any thread while other threads run the site: demotions take effect at once; putting a
+/// new target into a slot a thread may still be inside waits for the engine's next shared grace
+/// period (see <see cref="PromoteAsync"/>).
 /// </remarks>
 public abstract class Site
 {
-    private readonly Lock _lock = new();
     private readonly HashSet<ulong> _unreachable = [];
-    private OutlineChain? _chain;
-    private ulong[] _targets = [];
     private long _patches;
 
     private protected Site(OptpolineEngine engine, Register register, int inlineSlots, string name)
@@ -51,14 +49,26 @@ public abstract class Site
     /// <summary>Whether the site's code exists at its final address (emitted sites are bound by <see cref="OptpolineEngine.Assemble"/>).</summary>
     public bool IsBound => OutLink is not null;
 
-    /// <summary>Promoted targets in dispatch order: inline slots first, then the outline chain.</summary>
+    /// <summary>The targets last requested, in dispatch order (inline slots first, then the outline chain).</summary>
     public IReadOnlyList<ulong> Targets
     {
         get
         {
-            lock (_lock)
+            lock (Engine.Scheduler.SyncRoot)
             {
-                return _targets;
+                return Desired;
+            }
+        }
+    }
+
+    /// <summary>Whether part of the last request waits for a grace period.</summary>
+    public bool IsPending
+    {
+        get
+        {
+            lock (Engine.Scheduler.SyncRoot)
+            {
+                return Pending is not null;
             }
         }
     }
@@ -71,7 +81,7 @@ public abstract class Site
     {
         get
         {
-            lock (_lock)
+            lock (_unreachable)
             {
                 return _unreachable.Count;
             }
@@ -83,50 +93,74 @@ public abstract class Site
 
     private protected OptpolineEngine Engine { get; }
 
-    private protected List<Slot> Slots { get; } = [];
+    internal OptpolineEngine Owner => Engine;
 
-    private protected Link? OutLink { get; set; }
+    internal List<Slot> Slots { get; } = [];
+
+    internal Link? OutLink { get; private protected set; }
+
+    internal OutlineChain? Chain { get; set; }
+
+    internal ulong[] Desired { get; set; } = [];
+
+    internal PendingRequest? Pending { get; set; }
 
     /// <summary>Where the site's engine-owned code lives (stubs), for audits.</summary>
     internal abstract CodeBlock Stub { get; }
 
-    internal OutlineChain? Chain => _chain;
-
     /// <summary>
     /// Promotes <paramref name="targets"/> in order (hottest first): the first fill the inline slots,
-    /// the rest an outline chain. An empty list resets the site to the fallback.
+    /// the rest an outline chain. An empty list resets the site to the fallback. Blocks until the
+    /// change is complete, which can include the engine's next grace period; prefer
+    /// <see cref="PromoteAsync"/> on threads that must not wait.
     /// </summary>
     /// <exception cref="ArgumentException">Too many, duplicate or zero targets.</exception>
     /// <exception cref="InvalidOperationException">The site's code has not been bound yet.</exception>
     /// <exception cref="TargetOutOfReachException">A target is out of direct reach; the site is unchanged.</exception>
     /// <exception cref="CodeMemoryExhaustedException">No memory for the outline chain; the site is unchanged.</exception>
-    public void Promote(IReadOnlyList<ulong> targets)
-    {
-        var failure = TryPromoteCore(targets);
-        if (failure is not null)
-        {
-            throw failure;
-        }
-    }
+    /// <exception cref="PatchTimeoutException">The grace period timed out; the site was rolled back to its previous targets.</exception>
+    public void Promote(IReadOnlyList<ulong> targets) => PromoteAsync(targets).GetAwaiter().GetResult();
+
+    /// <summary>
+    /// Requests new targets without waiting for a grace period. Demotions and promotions into slots no
+    /// thread can be inside are applied before this returns; the rest is applied after the engine's next
+    /// shared thread flush, when the returned task completes. If that flush times out, the site is
+    /// rolled back to its previous targets and the task fails with <see cref="PatchTimeoutException"/>.
+    /// </summary>
+    /// <exception cref="ArgumentException">Too many, duplicate or zero targets.</exception>
+    /// <exception cref="InvalidOperationException">The site's code has not been bound yet.</exception>
+    /// <exception cref="TargetOutOfReachException">A target is out of direct reach; the site is unchanged.</exception>
+    /// <exception cref="CodeMemoryExhaustedException">No memory for the outline chain; the site is unchanged.</exception>
+    public Task PromoteAsync(IReadOnlyList<ulong> targets) => Engine.PromoteAsync([new SiteUpdate(this, targets)]);
 
     /// <summary>
     /// Like <see cref="Promote"/>, but returns false with the reason for the expected failures (a target
-    /// out of reach, no code memory); the site is then unchanged. Invalid arguments still throw.
+    /// out of reach, no code memory, a grace period that timed out); the site is then unchanged.
+    /// Invalid arguments still throw.
     /// </summary>
     public bool TryPromote(IReadOnlyList<ulong> targets, [NotNullWhen(false)] out string? error)
     {
-        var failure = TryPromoteCore(targets);
-        error = failure?.Message;
-        return failure is null;
+        try
+        {
+            Promote(targets);
+            error = null;
+            return true;
+        }
+        catch (Exception e) when (e is TargetOutOfReachException or CodeMemoryExhaustedException or PatchTimeoutException)
+        {
+            error = e.Message;
+            return false;
+        }
     }
 
-    /// <summary>Demotes every target: all calls take the fallback.</summary>
+    /// <summary>Demotes every target: all calls take the fallback. Never waits for a grace period.</summary>
     public void Reset() => Promote([]);
 
     /// <inheritdoc/>
     public override string ToString() => $"{Kind} site '{Name}' on {Register}: [{string.Join(", ", Targets.Select(t => $"0x{t:X}"))}]";
 
-    private Exception? TryPromoteCore(IReadOnlyList<ulong> targets)
+    /// <summary>Checks a request's arguments and reach; throws for bad arguments, returns the reach failure.</summary>
+    internal TargetOutOfReachException? Validate(IReadOnlyList<ulong> targets)
     {
         ArgumentNullException.ThrowIfNull(targets);
         if (targets.Count > MaxTargets)
@@ -144,112 +178,60 @@ public abstract class Site
             throw new ArgumentException($"The targets of site '{Name}' contain duplicates; each target is promoted once.", nameof(targets));
         }
 
-        lock (_lock)
+        if (OutLink is null)
         {
-            if (OutLink is null)
-            {
-                throw new InvalidOperationException($"Site '{Name}' is not bound to code yet: assemble the host code with OptpolineEngine.Assemble (or InlineSite.Write) first.");
-            }
-
-            var inlineCount = Math.Min(InlineSlotCount, targets.Count);
-            var unreachable = new List<ulong>();
-            for (var i = 0; i < inlineCount; i++)
-            {
-                if (!X64.Reaches(Slots[i].Call, targets[i]))
-                {
-                    unreachable.Add(targets[i]);
-                }
-            }
-
-            OutlineChain? chain = null;
-            if (unreachable.Count == 0 && targets.Count > inlineCount)
-            {
-                try
-                {
-                    chain = OutlineChain.TryCreate(Engine.Code, Register, [.. targets.Skip(inlineCount)], Fallback, out unreachable);
-                }
-                catch (CodeMemoryExhaustedException e)
-                {
-                    return e;
-                }
-            }
-
-            if (unreachable.Count > 0)
-            {
-                _unreachable.UnionWith(unreachable);
-                return new TargetOutOfReachException(
-                    $"Site '{Name}' at 0x{Slots.FirstOrDefault()?.Start ?? OutLink.Address:X} cannot reach {string.Join(", ", unreachable.Select(t => $"0x{t:X}"))} " +
-                    "with a direct call (rel32, +-2 GiB); the site is unchanged. Allocate the target's code from engine.Code, or set CodeMemoryOptions.Anchor near it.")
-                {
-                    Targets = unreachable,
-                };
-            }
-
-            var patches = new List<CodePatch>();
-            for (var i = 0; i < Slots.Count; i++)
-            {
-                PlanSlot(Slots[i], i < inlineCount ? targets[i] : 0, patches);
-            }
-
-            var linkTarget = chain?.Entry ?? Fallback;
-            if (linkTarget != OutLink.Target)
-            {
-                patches.Add(new CodePatch(OutLink.Address, X64.Rel32(OutLink.Opcode, OutLink.Address, OutLink.Target), X64.Rel32(OutLink.Opcode, OutLink.Address, linkTarget)));
-            }
-
-            int applied;
-            try
-            {
-                applied = Engine.ApplyPatches(patches);
-            }
-            catch
-            {
-                if (chain is not null)
-                {
-                    Engine.Code.Free(chain.Block);
-                }
-
-                throw;
-            }
-
-            // The model follows the bytes only once they are written.
-            for (var i = 0; i < Slots.Count; i++)
-            {
-                var target = i < inlineCount ? targets[i] : 0;
-                Slots[i].Target = target;
-                if (target != 0)
-                {
-                    Slots[i].CallTarget = target;
-                }
-            }
-
-            OutLink.Target = linkTarget;
-            if (_chain is not null)
-            {
-                // Quiescent in this version: no thread can be inside the retired chain.
-                Engine.Code.Free(_chain.Block);
-            }
-
-            _chain = chain;
-            _targets = [.. targets];
-            Interlocked.Add(ref _patches, applied);
-            return null;
+            throw new InvalidOperationException($"Site '{Name}' is not bound to code yet: assemble the host code with OptpolineEngine.Assemble (or InlineSite.Write) first.");
         }
+
+        var unreachable = new List<ulong>();
+        for (var i = 0; i < Math.Min(InlineSlotCount, targets.Count); i++)
+        {
+            if (!X64.Reaches(Slots[i].Call, targets[i]))
+            {
+                unreachable.Add(targets[i]);
+            }
+        }
+
+        return unreachable.Count == 0 ? null : Unreachable(unreachable);
     }
 
-    private static void PlanSlot(Slot slot, ulong target, List<CodePatch> patches)
+    /// <summary>Records unreachable targets in the statistics and describes them.</summary>
+    internal TargetOutOfReachException Unreachable(IReadOnlyList<ulong> targets)
     {
-        if (target == slot.Target)
+        lock (_unreachable)
         {
-            return;
+            _unreachable.UnionWith(targets);
         }
 
-        var now = slot.Target == 0 ? X64.EmptySlot(slot.Start, slot.Miss) : X64.MovR11(slot.Target);
-        var next = target == 0 ? X64.EmptySlot(slot.Start, slot.Miss) : X64.MovR11(target);
-        patches.Add(new CodePatch(slot.Start, now, next));
-        if (target != 0 && target != slot.CallTarget)
+        return new TargetOutOfReachException(
+            $"Site '{Name}' at 0x{Slots.FirstOrDefault()?.Start ?? OutLink?.Address ?? 0:X} cannot reach {string.Join(", ", targets.Select(t => $"0x{t:X}"))} " +
+            "with a direct call (rel32, +-2 GiB); the site is unchanged. Allocate the target's code from engine.Code, or set CodeMemoryOptions.Anchor near it.")
         {
-            patches.Add(new CodePatch(slot.Call, X64.Rel32(X64.CallRel32, slot.Call, slot.CallTarget), X64.Rel32(X64.CallRel32, slot.Call, target)));
-        }
+            Targets = [.. targets],
+        };
+    }
+
+    internal void CountPatches(int count) => Interlocked.Add(ref _patches, count);
+}
+
+/// <summary>A request that waits for a grace period, with what rolling it back restores.</summary>
+internal sealed class PendingRequest(ulong[] oldTargets, OutlineChain? oldChain, long epoch)
+{
+    /// <summary>Targets the site returns to if the grace period times out.</summary>
+    public ulong[] OldTargets { get; private set; } = oldTargets;
+
+    /// <summary>The chain it returns to (kept allocated until then).</summary>
+    public OutlineChain? OldChain { get; private set; } = oldChain;
+
+    /// <summary>The epoch the request was made in: a flush that starts later is the one it waits for.</summary>
+    public long Epoch { get; private set; } = epoch;
+
+    public TaskCompletionSource Completion { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public void Restart(ulong[] oldTargets, OutlineChain? oldChain, long epoch)
+    {
+        OldTargets = oldTargets;
+        OldChain = oldChain;
+        Epoch = epoch;
     }
 }

@@ -3,10 +3,14 @@ namespace Optpoline.Sites;
 /// <summary>
 /// One compare-and-call slot: <c>S: movabs r11, T; cmp R, r11; jne Miss; C: call T</c>. Patchable: the
 /// 10 bytes at <see cref="Start"/> (a movabs, or <c>jmp Miss</c> + int3 when empty) and the rel32 call
-/// at <see cref="Call"/>.
+/// at <see cref="Call"/>. Its critical range is (S, C]: a thread there has compared R with the slot's
+/// old target and will call whatever <see cref="Call"/> encodes.
 /// </summary>
 internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget)
 {
+    /// <summary>Marks a slot no thread can be inside of.</summary>
+    public const long Clean = long.MaxValue;
+
     public ulong Start { get; } = start;
 
     public ulong Call { get; } = call;
@@ -18,6 +22,16 @@ internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget
 
     /// <summary>What the call at <see cref="Call"/> encodes now (dead bytes while empty).</summary>
     public ulong CallTarget { get; set; } = callTarget;
+
+    /// <summary>
+    /// The grace-period epoch in which the slot was last demoted, or <see cref="Clean"/>. A thread may
+    /// still sit between its compare and its call until a flush that started after that epoch completes;
+    /// until then only <see cref="CallTarget"/> may be promoted into it.
+    /// </summary>
+    public long DirtyEpoch { get; set; } = Clean;
+
+    /// <summary>The range a thread flush moves threads out of (back to the slot start).</summary>
+    public Optpoline.Patcher.FlushRange CriticalRange => new(Start + 1, Call + 1, Start);
 }
 
 /// <summary>A patchable <c>call rel32</c> or <c>jmp rel32</c> that enters an outline chain or the fallback.</summary>

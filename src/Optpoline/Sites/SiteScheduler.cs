@@ -1,0 +1,448 @@
+using Optpoline.Emit;
+using Optpoline.Memory;
+using Optpoline.Patcher;
+
+namespace Optpoline.Sites;
+
+/// <summary>
+/// Turns site requests into patch batches and shares grace periods among them (DESIGN.md invariant 5).
+/// </summary>
+/// <remarks>
+/// Rules, each enforced here:
+/// - Demoting a slot (<c>jmp MISS</c> over its first bytes) and swapping the rel32 that enters an
+///   outline chain are applied at once: a thread already past them finishes on consistent old bytes.
+/// - A demoted slot is dirty: a thread may sit between its compare and its call. Only the target its
+///   call still encodes may be promoted into it, until a thread flush that started after the demotion
+///   completes. Every other promotion waits for that flush.
+/// - A retired outline chain is freed only after a flush that started after it was retired; the flush
+///   moves a thread inside it to the register's fallback thunk (same stack, same behaviour).
+/// - One background worker runs one flush for all pending work, outside the lock, so no host thread
+///   and no batch waits for it. If the flush times out, every request that needed it is rolled back.
+/// </remarks>
+internal sealed class SiteScheduler : IDisposable
+{
+    private readonly OptpolineEngine _engine;
+    private readonly List<RetiredChain> _retired = [];
+    private readonly HashSet<Site> _pending = [];
+    private readonly List<Slot> _dirty = [];
+    private readonly AutoResetEvent _wake = new(false);
+    private readonly Thread _worker;
+    private long _epoch;
+    private long _gracePeriods;
+    private long _graceTimeouts;
+    private volatile bool _stopping;
+
+    public SiteScheduler(OptpolineEngine engine, LivePatcher patcher, bool skipGracePeriod)
+    {
+        _engine = engine;
+        Patcher = patcher;
+        SkipGracePeriod = skipGracePeriod;
+        _worker = new Thread(Work) { IsBackground = true, Name = "optpoline grace periods" };
+        _worker.Start();
+    }
+
+    public Lock SyncRoot { get; } = new();
+
+    public LivePatcher Patcher { get; }
+
+    /// <summary>Test-only broken variant: promotions never wait for a grace period.</summary>
+    public bool SkipGracePeriod { get; }
+
+    public long GracePeriods => Interlocked.Read(ref _gracePeriods);
+
+    public long GraceTimeouts => Interlocked.Read(ref _graceTimeouts);
+
+    public Task Request(IReadOnlyList<SiteUpdate> updates)
+    {
+        var seen = new HashSet<Site>();
+        foreach (var update in updates)
+        {
+            ArgumentNullException.ThrowIfNull(update);
+            if (!seen.Add(update.Site))
+            {
+                throw new ArgumentException($"Site '{update.Site.Name}' appears twice in one request.", nameof(updates));
+            }
+
+            if (update.Site.Validate(update.Targets) is { } unreachable)
+            {
+                throw unreachable;
+            }
+        }
+
+        var tasks = new List<Task>();
+        lock (SyncRoot)
+        {
+            ObjectDisposedException.ThrowIf(_stopping, _engine);
+            var created = new List<OutlineChain>();
+            var plan = new Plan();
+            try
+            {
+                foreach (var (site, targets) in updates)
+                {
+                    var desired = targets.ToArray();
+                    var outline = desired.Skip(site.InlineSlotCount).ToArray();
+                    var chain = site.Chain;
+                    if (!(chain?.Targets ?? []).SequenceEqual(outline))
+                    {
+                        chain = outline.Length == 0 ? null : CreateChain(site, outline);
+                        if (chain is not null)
+                        {
+                            created.Add(chain);
+                        }
+                    }
+
+                    plan.Sites.Add((site, desired, chain));
+                    plan.OldTargets[site] = AppliedTargets(site);
+                    plan.OldChains[site] = site.Chain;
+                }
+
+                foreach (var (site, desired, chain) in plan.Sites)
+                {
+                    PlanLink(site, chain, plan);
+                    plan.StillPending[site] = PlanSlots(site, desired, plan);
+                }
+
+                Apply(plan);
+            }
+            catch
+            {
+                foreach (var chain in created)
+                {
+                    _engine.Code.Free(chain.Block);
+                }
+
+                throw;
+            }
+
+            foreach (var (site, desired, _) in plan.Sites)
+            {
+                if (plan.StillPending[site])
+                {
+                    // The rollback point is the state before the first request that had to wait.
+                    site.Pending ??= new PendingRequest(plan.OldTargets[site], plan.OldChains[site], _epoch);
+                    _pending.Add(site);
+                    tasks.Add(site.Pending.Completion.Task);
+                }
+                else if (site.Pending is { } done)
+                {
+                    // A later request made the waiting part unnecessary (for example a reset).
+                    _pending.Remove(site);
+                    site.Pending = null;
+                    done.Completion.TrySetResult();
+                }
+
+                site.Desired = desired;
+            }
+        }
+
+        if (tasks.Count > 0)
+        {
+            _wake.Set();
+        }
+
+        return tasks.Count == 0 ? Task.CompletedTask : Task.WhenAll(tasks);
+    }
+
+    public void Dispose()
+    {
+        lock (SyncRoot)
+        {
+            if (_stopping)
+            {
+                return;
+            }
+
+            _stopping = true;
+        }
+
+        _wake.Set();
+        _worker.Join();
+        _wake.Dispose();
+        lock (SyncRoot)
+        {
+            foreach (var site in _pending)
+            {
+                site.Pending?.Completion.TrySetException(new ObjectDisposedException(nameof(OptpolineEngine), "The engine was disposed while a site change waited for a grace period."));
+                site.Pending = null;
+            }
+
+            _pending.Clear();
+        }
+    }
+
+    private OutlineChain CreateChain(Site site, ulong[] outline)
+    {
+        var chain = OutlineChain.TryCreate(_engine.Code, site.Register, outline, site.Fallback, out var unreachable);
+        return chain ?? throw site.Unreachable(unreachable);
+    }
+
+    /// <summary>Swaps the rel32 that enters the outline chain; the old chain is retired.</summary>
+    private void PlanLink(Site site, OutlineChain? chain, Plan plan)
+    {
+        var link = site.OutLink!;
+        var target = chain?.Entry ?? site.Fallback;
+        if (target == link.Target)
+        {
+            return;
+        }
+
+        var onTrap = link.Opcode == X64.CallRel32
+            ? TrapAction.EmulateCall(target, link.Address + X64.Rel32Length)
+            : TrapAction.ContinueAt(target);
+        plan.Patches.Add(new LivePatch(new CodePatch(link.Address, X64.Rel32(link.Opcode, link.Address, link.Target), X64.Rel32(link.Opcode, link.Address, target)), onTrap));
+        plan.Effects.Add(() =>
+        {
+            link.Target = target;
+            if (site.Chain is { } old && old != chain)
+            {
+                _retired.Add(new RetiredChain(old, _epoch, site.Fallback));
+            }
+
+            site.Chain = chain;
+        });
+    }
+
+    /// <summary>Plans the slots towards <paramref name="desired"/>; returns whether part of it must wait for a grace period.</summary>
+    private bool PlanSlots(Site site, ulong[] desired, Plan plan)
+    {
+        var pending = false;
+        for (var i = 0; i < site.Slots.Count; i++)
+        {
+            var slot = site.Slots[i];
+            var want = i < desired.Length ? desired[i] : 0;
+            if (slot.Target == want)
+            {
+                continue;
+            }
+
+            var target = slot.Target;
+            var call = slot.CallTarget;
+            var demoted = false;
+            if (target != 0 && !SkipGracePeriod)
+            {
+                target = 0;
+                demoted = true;
+            }
+
+            if (want == 0)
+            {
+                target = 0;
+            }
+            else if (want == slot.CallTarget || SkipGracePeriod || (slot.DirtyEpoch == Slot.Clean && !demoted))
+            {
+                // Safe now: either no thread can be between the compare and the call, or the call already
+                // goes to `want`, which is what a thread stuck there compared against.
+                target = want;
+                call = want;
+            }
+            else
+            {
+                pending = true;
+            }
+
+            if (target != slot.Target)
+            {
+                plan.Patches.Add(new LivePatch(new CodePatch(slot.Start, SlotBytes(slot, slot.Target), SlotBytes(slot, target)), TrapAction.ContinueAt(slot.Miss)));
+            }
+
+            if (call != slot.CallTarget)
+            {
+                plan.Patches.Add(new LivePatch(new CodePatch(slot.Call, X64.Rel32(X64.CallRel32, slot.Call, slot.CallTarget), X64.Rel32(X64.CallRel32, slot.Call, call)), TrapAction.ContinueAt(slot.Start)));
+            }
+
+            var (newTarget, newCall) = (target, call);
+            plan.Effects.Add(() =>
+            {
+                slot.Target = newTarget;
+                slot.CallTarget = newCall;
+                if (demoted)
+                {
+                    if (slot.DirtyEpoch == Slot.Clean)
+                    {
+                        _dirty.Add(slot);
+                    }
+
+                    slot.DirtyEpoch = _epoch;
+                }
+            });
+            plan.PatchCounts[site] = plan.PatchCounts.GetValueOrDefault(site) + (target != slot.Target ? 1 : 0) + (call != slot.CallTarget ? 1 : 0);
+        }
+
+        return pending;
+    }
+
+    private static byte[] SlotBytes(Slot slot, ulong target) =>
+        target == 0 ? X64.EmptySlot(slot.Start, slot.Miss) : X64.MovR11(target);
+
+    private void Apply(Plan plan)
+    {
+        if (plan.Patches.Count > 0)
+        {
+            Patcher.Apply(_engine.Code, plan.Patches);
+        }
+
+        foreach (var effect in plan.Effects)
+        {
+            effect();
+        }
+
+        foreach (var (site, count) in plan.PatchCounts)
+        {
+            site.CountPatches(count);
+        }
+    }
+
+    private void Work()
+    {
+        while (true)
+        {
+            _wake.WaitOne(TimeSpan.FromMilliseconds(100));
+            if (_stopping)
+            {
+                return;
+            }
+
+            List<FlushRange> ranges;
+            long epoch;
+            lock (SyncRoot)
+            {
+                if (_pending.Count == 0 && _retired.Count == 0)
+                {
+                    continue;
+                }
+
+                epoch = ++_epoch;
+                ranges = [.. _dirty.Where(s => s.DirtyEpoch < epoch).Select(s => s.CriticalRange)];
+                ranges.AddRange(_retired.Where(r => r.Epoch < epoch).Select(r => new FlushRange(r.Chain.Block.Address, r.Chain.Block.Address + (ulong)r.Chain.Block.Size, r.Fallback)));
+            }
+
+            var completed = Patcher.Flush(ranges);
+            lock (SyncRoot)
+            {
+                if (completed)
+                {
+                    Interlocked.Increment(ref _gracePeriods);
+                    Completed(epoch);
+                }
+                else
+                {
+                    Interlocked.Increment(ref _graceTimeouts);
+                    RollBack(epoch);
+                }
+            }
+        }
+    }
+
+    /// <summary>After flush <paramref name="epoch"/>: clean slots, free chains, apply what waited.</summary>
+    private void Completed(long epoch)
+    {
+        _dirty.RemoveAll(slot =>
+        {
+            if (slot.DirtyEpoch >= epoch)
+            {
+                return false;
+            }
+
+            slot.DirtyEpoch = Slot.Clean;
+            return true;
+        });
+        _retired.RemoveAll(retired =>
+        {
+            if (retired.Epoch >= epoch)
+            {
+                return false;
+            }
+
+            _engine.Code.Free(retired.Chain.Block);
+            return true;
+        });
+
+        var plan = new Plan();
+        foreach (var site in _pending)
+        {
+            plan.Sites.Add((site, site.Desired, site.Chain));
+            plan.StillPending[site] = PlanSlots(site, site.Desired, plan);
+        }
+
+        Apply(plan);
+        foreach (var (site, _, _) in plan.Sites)
+        {
+            if (!plan.StillPending[site])
+            {
+                _pending.Remove(site);
+                site.Pending!.Completion.TrySetResult();
+                site.Pending = null;
+            }
+            else
+            {
+                // Still waiting (demoted again during the flush): what this flush made final is the new
+                // rollback point, since the chains retired before it are gone now.
+                site.Pending!.Restart(AppliedTargets(site), site.Chain, epoch);
+            }
+        }
+    }
+
+    /// <summary>The targets the site's bytes dispatch to directly now: filled slots in order, then its chain.</summary>
+    private static ulong[] AppliedTargets(Site site) =>
+        [.. site.Slots.Where(s => s.Target != 0).Select(s => s.Target), .. site.Chain?.Targets ?? []];
+
+    /// <summary>Flush <paramref name="epoch"/> timed out: every request that needed it returns to its old state.</summary>
+    private void RollBack(long epoch)
+    {
+        var victims = _pending.Where(s => s.Pending!.Epoch < epoch).ToList();
+        if (victims.Count == 0)
+        {
+            return;
+        }
+
+        var plan = new Plan();
+        foreach (var site in victims)
+        {
+            var request = site.Pending!;
+            var oldChain = request.OldChain;
+            if (oldChain is not null)
+            {
+                _retired.RemoveAll(r => r.Chain == oldChain);
+            }
+
+            PlanLink(site, oldChain, plan);
+            plan.Sites.Add((site, request.OldTargets, oldChain));
+            plan.StillPending[site] = PlanSlots(site, request.OldTargets, plan);
+        }
+
+        Apply(plan);
+        foreach (var site in victims)
+        {
+            var request = site.Pending!;
+            site.Desired = request.OldTargets;
+            if (!plan.StillPending[site])
+            {
+                _pending.Remove(site);
+                site.Pending = null;
+            }
+
+            request.Completion.TrySetException(new PatchTimeoutException(
+                $"Site '{site.Name}': a thread flush did not complete within {Patcher.Options.FlushTimeout.TotalMilliseconds} ms " +
+                "(a thread blocks the flush signal or is stopped); the site was rolled back to its previous targets."));
+        }
+    }
+
+    private sealed record RetiredChain(OutlineChain Chain, long Epoch, ulong Fallback);
+
+    private sealed class Plan
+    {
+        public List<(Site Site, ulong[] Desired, OutlineChain? Chain)> Sites { get; } = [];
+
+        public List<LivePatch> Patches { get; } = [];
+
+        public List<Action> Effects { get; } = [];
+
+        public Dictionary<Site, bool> StillPending { get; } = [];
+
+        public Dictionary<Site, int> PatchCounts { get; } = [];
+
+        public Dictionary<Site, ulong[]> OldTargets { get; } = [];
+
+        public Dictionary<Site, OutlineChain?> OldChains { get; } = [];
+    }
+}

@@ -1,0 +1,321 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using Optpoline.Patcher.Native;
+using Optpoline.Patcher.Platform;
+
+namespace Optpoline.Patcher;
+
+/// <summary>
+/// Changes code while other threads execute it, the way the kernel's <c>text_poke_bp_batch</c> does,
+/// and runs thread flushes (grace periods) for bytes a thread may still be inside. Thread safe; every
+/// patcher of a process shares one set of signal handlers.
+/// </summary>
+/// <remarks>
+/// The INT3 protocol, once per batch whatever its size:
+/// 1. write <c>int3</c> over the first byte of every patch; core sync;
+/// 2. write every patch's remaining bytes; core sync;
+/// 3. write every patch's first byte; core sync.
+/// A thread that reaches a first byte between steps 1 and 3 traps; the handler finds the address in
+/// the published batch (binary search) and sends the thread along the patch's <see cref="TrapAction"/>,
+/// an equivalent path, so no thread ever executes a half-written instruction. Core sync is
+/// <c>membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)</c>; where the kernel lacks it, a signal
+/// delivered to every thread serialises the cores instead (slower, same guarantee).
+/// </remarks>
+public sealed unsafe class LivePatcher
+{
+    private static readonly Lock s_flushLock = new();
+    private static uint s_generation;
+    private static nint s_currentDescriptor;
+
+    private readonly PatchRuntime _runtime;
+    private long _batches;
+    private long _patches;
+    private long _coreSyncs;
+    private long _flushes;
+    private long _flushTimeouts;
+    private long _flushedThreads;
+
+    /// <summary>Creates a patcher; the first one in the process installs the signal handlers and runs their self-test.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">An option is out of range.</exception>
+    /// <exception cref="InvalidOperationException">The handlers could not be installed, or another patcher uses a different flush signal.</exception>
+    public LivePatcher(PatcherOptions? options = null)
+    {
+        Options = options ?? new PatcherOptions();
+        _runtime = PatchRuntime.Get(Options.ResolveFlushSignal());
+    }
+
+    /// <summary>The options in force.</summary>
+    public PatcherOptions Options { get; }
+
+    /// <summary>The signal thread flushes use.</summary>
+    public int FlushSignal => _runtime.FlushSignal;
+
+    /// <summary>Whether core sync uses membarrier (true on Linux 4.16 and later).</summary>
+    public bool UsesMembarrier => _runtime.CoreSyncByMembarrier;
+
+    /// <summary>A snapshot of the counters.</summary>
+    public PatcherStatistics Statistics => new(
+        Interlocked.Read(ref _batches), Interlocked.Read(ref _patches), Interlocked.Read(ref _coreSyncs),
+        Interlocked.Read(ref _flushes), Interlocked.Read(ref _flushTimeouts), Interlocked.Read(ref _flushedThreads),
+        _runtime.TrapHits, _runtime.ForeignTraps, _runtime.StaleTraps);
+
+    /// <summary>
+    /// Called after the tails are written and before any first byte is restored, that is, before a
+    /// change can be visible to another thread (tracing records the change here).
+    /// </summary>
+    public Action<IReadOnlyList<CodePatch>>? BeforeVisible { get; set; }
+
+    /// <summary>
+    /// Applies a batch to live code with the INT3 protocol. The whole batch is validated first
+    /// (expected bytes, overlaps); patches that change nothing are skipped.
+    /// </summary>
+    /// <returns>The number of patches written.</returns>
+    /// <exception cref="PatchRejectedException">Validation failed; nothing was written.</exception>
+    public int Apply(ICodeView code, IReadOnlyList<LivePatch> patches)
+    {
+        ArgumentNullException.ThrowIfNull(code);
+        ArgumentNullException.ThrowIfNull(patches);
+        lock (_runtime.PatchLock)
+        {
+            var byPatch = patches.ToDictionary(p => p.Patch);
+            var effective = QuiescentPatcher.Validate(code, [.. patches.Select(p => p.Patch)]);
+            if (effective.Count == 0)
+            {
+                return 0;
+            }
+
+            var table = BuildTrapTable(effective, p => byPatch[p].OnTrap);
+            _runtime.PublishTrapTable(table);
+            var armed = 0;
+            try
+            {
+                // First step: int3 over every first byte.
+                ReadOnlySpan<byte> int3 = [0xCC];
+                foreach (var patch in effective)
+                {
+                    code.Write(patch.Address, int3);
+                    armed++;
+                }
+
+                CoreSync();
+
+                // Second step: the tails. Threads that arrive now trap and take the equivalent path.
+                foreach (var patch in effective)
+                {
+                    if (patch.Length > 1)
+                    {
+                        code.Write(patch.Address + 1, patch.Replacement.Span[1..]);
+                    }
+                }
+
+                CoreSync();
+                BeforeVisible?.Invoke(effective);
+
+                // Third step: the first bytes, highest address first, so that within a slot the call is
+                // complete before the compare that guards it becomes reachable.
+                for (var i = effective.Count - 1; i >= 0; i--)
+                {
+                    code.Write(effective[i].Address, effective[i].Replacement.Span[..1]);
+                }
+
+                CoreSync();
+            }
+            catch (Exception failure) when (armed > 0)
+            {
+                Restore(code, effective, armed);
+                throw new PatchRejectedException($"Writing a patch batch failed after {armed} patches were armed; the original bytes were restored.", failure);
+            }
+            finally
+            {
+                _runtime.PublishTrapTable(0);
+                _runtime.Retire(table);
+            }
+
+            Interlocked.Increment(ref _batches);
+            Interlocked.Add(ref _patches, effective.Count);
+            return effective.Count;
+        }
+    }
+
+    /// <summary>
+    /// Runs a thread flush: signals every other thread of the process; each one's handler moves it out
+    /// of <paramref name="ranges"/> (to the range's redirect) and acknowledges. Returns true when every
+    /// thread acknowledged (or exited) within the timeout: from then on no thread is inside the ranges,
+    /// except by entering them anew from their start. False on timeout; nothing is changed then.
+    /// </summary>
+    /// <exception cref="ArgumentException">Ranges are empty or overlap.</exception>
+    public bool Flush(IReadOnlyList<FlushRange> ranges, TimeSpan? timeout = null)
+    {
+        ArgumentNullException.ThrowIfNull(ranges);
+        var sorted = ranges.OrderBy(r => r.Start).ToList();
+        for (var i = 0; i < sorted.Count; i++)
+        {
+            if (sorted[i].End <= sorted[i].Start || (i > 0 && sorted[i - 1].End > sorted[i].Start))
+            {
+                throw new ArgumentException($"Flush ranges must be non-empty and disjoint: {sorted[i]}.", nameof(ranges));
+            }
+        }
+
+        var limit = timeout ?? Options.FlushTimeout;
+        lock (s_flushLock)
+        {
+            var freeable = _runtime.TakeRetired();
+            var pid = PatcherOs.Getpid();
+            var self = PatcherOs.Gettid();
+            var tids = PatcherOs.ThreadIds();
+            tids.Remove(self);
+            var generation = ++s_generation;
+            var size = FlushDescriptor.Size(sorted.Count, tids.Count);
+            var descriptor = (byte*)NativeMemory.AlignedAlloc((nuint)size, 64);
+            new Span<byte>(descriptor, size).Clear();
+            *(ulong*)(descriptor + FlushDescriptor.Generation) = generation;
+            *(ulong*)(descriptor + FlushDescriptor.RangeCount) = (ulong)sorted.Count;
+            *(ulong*)(descriptor + FlushDescriptor.TidCount) = (ulong)tids.Count;
+            var range = (ulong*)(descriptor + FlushDescriptor.Ranges);
+            foreach (var r in sorted)
+            {
+                *range++ = r.Start;
+                *range++ = r.End;
+                *range++ = r.Redirect;
+            }
+
+            var tidSlots = (int*)(descriptor + FlushDescriptor.TidsOffset(sorted.Count));
+            var acks = (uint*)(descriptor + FlushDescriptor.AcksOffset(sorted.Count, tids.Count));
+            for (var i = 0; i < tids.Count; i++)
+            {
+                tidSlots[i] = tids[i];
+            }
+
+            // The previous descriptor may still be read by a late handler; it goes when this flush completes.
+            if (s_currentDescriptor != 0)
+            {
+                freeable.Add(s_currentDescriptor);
+            }
+
+            s_currentDescriptor = (nint)descriptor;
+            _runtime.PublishFlushDescriptor((nint)descriptor);
+            Interlocked.MemoryBarrier();
+
+            for (var i = 0; i < tids.Count; i++)
+            {
+                if (PatcherOs.Tgkill(pid, tids[i], _runtime.FlushSignal) != 0)
+                {
+                    acks[i] = generation;   // the thread has exited
+                }
+            }
+
+            var completed = WaitForAcks(tids, acks, generation, limit);
+            if (completed)
+            {
+                PatchRuntime.FreeRetired(freeable);
+                Interlocked.Increment(ref _flushes);
+                Interlocked.Add(ref _flushedThreads, tids.Count);
+            }
+            else
+            {
+                foreach (var table in freeable)
+                {
+                    _runtime.Retire(table);
+                }
+
+                Interlocked.Increment(ref _flushTimeouts);
+            }
+
+            return completed;
+        }
+    }
+
+    private static bool WaitForAcks(List<int> tids, uint* acks, uint generation, TimeSpan limit)
+    {
+        var clock = Stopwatch.StartNew();
+        var nextExitCheck = TimeSpan.FromMilliseconds(1);
+        var spin = new SpinWait();
+        while (true)
+        {
+            var pending = 0;
+            for (var i = 0; i < tids.Count; i++)
+            {
+                if (Volatile.Read(ref acks[i]) != generation)
+                {
+                    pending++;
+                }
+            }
+
+            if (pending == 0)
+            {
+                return true;
+            }
+
+            if (clock.Elapsed > nextExitCheck)
+            {
+                // A thread that exits after being signalled never acknowledges; it is outside every range.
+                for (var i = 0; i < tids.Count; i++)
+                {
+                    if (Volatile.Read(ref acks[i]) != generation && !PatcherOs.ThreadExists(tids[i]))
+                    {
+                        acks[i] = generation;
+                    }
+                }
+
+                nextExitCheck = clock.Elapsed + TimeSpan.FromMilliseconds(1);
+            }
+
+            if (clock.Elapsed > limit)
+            {
+                return false;
+            }
+
+            spin.SpinOnce(sleep1Threshold: -1);
+        }
+    }
+
+    private static nint BuildTrapTable(IReadOnlyList<CodePatch> effective, Func<CodePatch, TrapAction> action)
+    {
+        var table = (ulong*)NativeMemory.AlignedAlloc((nuint)(8 + (effective.Count * ControlBlock.TrapEntrySize)), 64);
+        table[0] = (ulong)effective.Count;
+        var entry = table + 1;
+        foreach (var patch in effective)
+        {
+            var onTrap = action(patch);
+            *entry++ = patch.Address;
+            *entry++ = onTrap.EmulatesCall ? 1UL : 0UL;
+            *entry++ = onTrap.Target;
+            *entry++ = onTrap.ReturnAddress;
+        }
+
+        return (nint)table;
+    }
+
+    private void CoreSync()
+    {
+        _runtime.CoreSync();
+        Interlocked.Increment(ref _coreSyncs);
+    }
+
+    /// <summary>Puts the expected bytes back with the same protocol, for a batch that failed half way.</summary>
+    private void Restore(ICodeView code, IReadOnlyList<CodePatch> effective, int armed)
+    {
+        ReadOnlySpan<byte> int3 = [0xCC];
+        for (var i = 0; i < armed; i++)
+        {
+            code.Write(effective[i].Address, int3);
+        }
+
+        CoreSync();
+        for (var i = 0; i < armed; i++)
+        {
+            if (effective[i].Length > 1)
+            {
+                code.Write(effective[i].Address + 1, effective[i].Expected.Span[1..]);
+            }
+        }
+
+        CoreSync();
+        for (var i = armed - 1; i >= 0; i--)
+        {
+            code.Write(effective[i].Address, effective[i].Expected.Span[..1]);
+        }
+
+        CoreSync();
+    }
+}

@@ -1,0 +1,43 @@
+namespace Optpoline.Patcher;
+
+/// <summary>How live patching behaves.</summary>
+public sealed class PatcherOptions
+{
+    /// <summary>Default offset of the flush signal from SIGRTMIN (glibc's SIGRTMIN is 34 once NPTL reserved 32 and 33).</summary>
+    public const int DefaultFlushSignalOffset = 6;
+
+    /// <summary>
+    /// The real-time signal sent to every thread of the process during a thread flush. Its handler is
+    /// installed with SA_RESTART, so most interrupted system calls restart transparently, but calls
+    /// the kernel never restarts after a handler (epoll_wait, poll, select, nanosleep/clock_nanosleep,
+    /// sigtimedwait, io_getevents, …) return EINTR to the host thread, which must retry them (the .NET
+    /// runtime does). Choose a signal the host does not use. Null: SIGRTMIN + 6.
+    /// The first patcher of a process fixes it; every later one must use the same signal.
+    /// </summary>
+    public int? FlushSignal { get; init; }
+
+    /// <summary>
+    /// How long a thread flush waits for every thread to acknowledge. A thread that blocks the flush
+    /// signal (or is stopped) makes the flush time out, and the work that waited for it is rolled back.
+    /// Measured here: ~0.1 ms while runnable threads fit the cores, 8-12 ms once they outnumber them.
+    /// </summary>
+    public TimeSpan FlushTimeout { get; init; } = TimeSpan.FromMilliseconds(500);
+
+    internal int ResolveFlushSignal()
+    {
+        var min = Platform.PatcherOs.SigRtMin();
+        var max = Platform.PatcherOs.SigRtMax();
+        var signal = FlushSignal ?? (min + DefaultFlushSignalOffset);
+        if (signal < min || signal > max)
+        {
+            throw new ArgumentOutOfRangeException(nameof(FlushSignal), signal, $"The flush signal must be a real-time signal between {min} and {max}.");
+        }
+
+        if (FlushTimeout <= TimeSpan.Zero)
+        {
+            throw new ArgumentOutOfRangeException(nameof(FlushTimeout), FlushTimeout, "The flush timeout must be positive.");
+        }
+
+        return signal;
+    }
+}

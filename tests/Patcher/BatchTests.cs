@@ -1,0 +1,130 @@
+using Iced.Intel;
+using Optpoline.Patcher;
+using Optpoline.Sites;
+using Optpoline.Tests.Support;
+
+namespace Optpoline.Tests.Patcher;
+
+/// <summary>Invariants 3 and 6: batches with three core syncs, shared grace periods, rollback.</summary>
+[NonParallelizable]
+public sealed class BatchTests
+{
+    [Test]
+    public void A_batch_of_1000_promotions_or_demotions_costs_three_core_syncs_and_no_flush()
+    {
+        using var engine = new OptpolineEngine();
+        var targets = ChecksumCode.EmitTargets(engine, 4);
+        var sites = EmitSites(engine, 1000);
+        var before = engine.PatchStatistics;
+        var graceBefore = engine.GracePeriods;
+        var promote = engine.PromoteAsync([.. sites.Select(s => new SiteUpdate(s, targets[..1]))]);
+        Assert.That(promote.IsCompletedSuccessfully, Is.True, "fresh slots need no grace period");
+        var promoted = engine.PatchStatistics;
+        Assert.That(promoted.CoreSyncs - before.CoreSyncs, Is.EqualTo(3));
+        Assert.That(promoted.Batches - before.Batches, Is.EqualTo(1));
+        Assert.That(promoted.Patches - before.Patches, Is.EqualTo(2000), "movabs + call per slot");
+
+        var demote = engine.PromoteAsync([.. sites.Select(s => new SiteUpdate(s, []))]);
+        Assert.That(demote.IsCompletedSuccessfully, Is.True, "demotion never waits");
+        Assert.That(engine.PatchStatistics.CoreSyncs - promoted.CoreSyncs, Is.EqualTo(3));
+        Assert.That(engine.GracePeriods, Is.EqualTo(graceBefore));
+
+        // Promoting the same target back needs no grace period: a thread stuck in the slot compared against it.
+        var again = engine.PromoteAsync([.. sites.Select(s => new SiteUpdate(s, targets[..1]))]);
+        Assert.That(again.IsCompletedSuccessfully, Is.True);
+    }
+
+    [Test]
+    public void A_thousand_repromotions_share_one_grace_period()
+    {
+        using var engine = new OptpolineEngine();
+        var targets = ChecksumCode.EmitTargets(engine, 4);
+        var sites = EmitSites(engine, 1000);
+        engine.PromoteAsync([.. sites.Select(s => new SiteUpdate(s, targets[..1]))]).Wait();
+        var graceBefore = engine.GracePeriods;
+        var before = engine.PatchStatistics;
+
+        var repromote = engine.PromoteAsync([.. sites.Select(s => new SiteUpdate(s, [targets[1]]))]);
+        Assert.That(repromote.IsCompleted, Is.False, "a new target in a used slot waits for a grace period");
+        Assert.That(repromote.Wait(TimeSpan.FromSeconds(10)), Is.True);
+        var after = engine.PatchStatistics;
+        Assert.That(engine.GracePeriods - graceBefore, Is.EqualTo(1), "one shared flush");
+        Assert.That(after.Flushes - before.Flushes, Is.EqualTo(1));
+        Assert.That(after.CoreSyncs - before.CoreSyncs, Is.EqualTo(6), "demote batch + promote batch");
+        Assert.That(sites.All(s => s.Targets.SequenceEqual([targets[1]]) && !s.IsPending), Is.True);
+    }
+
+    [Test]
+    public void A_timed_out_grace_period_rolls_every_waiting_site_back()
+    {
+        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100) } });
+        var targets = ChecksumCode.EmitTargets(engine, 10);
+        var site = engine.CreateInlineSite(Register.RCX, 2);
+        var driver = ChecksumCode.EmitDriver(engine, Register.RCX, site);
+        site.Promote(targets[..4]);
+        var bytesBefore = SiteBytes(engine, site);
+        var chainBefore = site.Chain!.Block.Address;
+
+        using var blocked = new ManualResetEventSlim();
+        using var release = new ManualResetEventSlim();
+        var blocker = new Thread(() =>
+        {
+            NativeThreads.Block(engine.Scheduler.Patcher.FlushSignal);
+            blocked.Set();
+            release.Wait();
+            NativeThreads.Unblock(engine.Scheduler.Patcher.FlushSignal);
+        });
+        blocker.Start();
+        blocked.Wait();
+        try
+        {
+            var request = site.PromoteAsync([.. targets[4..10]]);
+            Assert.That(() => request.Wait(TimeSpan.FromSeconds(10)), Throws.InstanceOf<AggregateException>().With.InnerException.TypeOf<PatchTimeoutException>());
+            Assert.That(site.Targets, Is.EqualTo(targets[..4]));
+            Assert.That(site.IsPending, Is.False);
+            Assert.That(engine.GracePeriodTimeouts, Is.GreaterThanOrEqualTo(1));
+            Assert.That(SiteBytes(engine, site), Is.EqualTo(bytesBefore), "every byte is back");
+            Assert.That(site.Chain!.Block.Address, Is.EqualTo(chainBefore), "the old chain is in use again");
+            for (var k = 0; k < targets.Length; k++)
+            {
+                var (actual, expected) = ChecksumCode.Run(driver, Register.RCX, k, targets[k], new Random(k));
+                Assert.That(actual, Is.EqualTo(expected));
+            }
+
+            Assert.That(site.TryPromote([targets[9]], out var error), Is.False);
+            Assert.That(error, Does.Contain("rolled back"));
+        }
+        finally
+        {
+            release.Set();
+            blocker.Join();
+        }
+
+        site.Promote([targets[9]]);
+        Assert.That(site.Targets, Is.EqualTo(new[] { targets[9] }));
+        Assert.That(engine.AuditCode(), Is.Empty);
+    }
+
+    private static List<InlineSite> EmitSites(OptpolineEngine engine, int count)
+    {
+        var asm = new Assembler(64);
+        var sites = new List<InlineSite>();
+        for (var i = 0; i < count; i++)
+        {
+            var site = engine.CreateInlineSite(Register.RAX, 1);
+            site.Emit(asm);
+            sites.Add(site);
+        }
+
+        asm.ret();
+        engine.Assemble(asm);
+        return sites;
+    }
+
+    private static byte[] SiteBytes(OptpolineEngine engine, InlineSite site)
+    {
+        var bytes = new byte[site.InlineLength];
+        engine.Code.Read(site.Address, bytes);
+        return [.. bytes, .. site.Stub.GetExecutableSpan()];
+    }
+}

@@ -1,0 +1,35 @@
+using Optpoline.Stress;
+
+namespace Optpoline.Tests.Patcher;
+
+/// <summary>
+/// Invariants 1 and 5 under concurrency: more caller threads than cores run many sites while a patcher
+/// thread changes them continuously. The broken variant (no grace period before reusing a slot), with
+/// a widened compare-to-call window, must be caught by the same test.
+/// </summary>
+[NonParallelizable]
+public sealed class StressTests
+{
+    [Test]
+    public void Callers_never_reach_the_wrong_target_while_sites_are_repatched([Values(0, 24)] int windowPauses)
+    {
+        using var engine = new OptpolineEngine(new EngineOptions { SlotWindowPauses = windowPauses });
+        using var workload = new StressWorkload(engine, siteCount: 64);
+        var result = workload.Run(callerThreads: 4, TimeSpan.FromSeconds(3));
+        TestContext.Out.WriteLine(result);
+        Assert.That(result.WrongCalls, Is.Zero);
+        Assert.That(result.Patches, Is.GreaterThan(10_000));
+        Assert.That(result.GracePeriods, Is.GreaterThan(10));
+        Assert.That(engine.AuditCode(), Is.Empty);
+    }
+
+    [Test]
+    public void The_same_stress_test_catches_a_patcher_without_grace_periods()
+    {
+        using var engine = new OptpolineEngine(new EngineOptions { SlotWindowPauses = 24, UnsafeSkipGracePeriod = true });
+        using var workload = new StressWorkload(engine, siteCount: 64);
+        var result = workload.Run(callerThreads: 4, TimeSpan.FromSeconds(20), stopAtFirstWrong: true);
+        TestContext.Out.WriteLine(result);
+        Assert.That(result.WrongCalls, Is.GreaterThan(0), "the broken variant must be caught");
+    }
+}
