@@ -26,6 +26,10 @@ public sealed unsafe class LivePatcher
     private static readonly Lock s_flushLock = new();
     private static uint s_generation;
     private static nint s_currentDescriptor;
+    private static long s_currentDescriptorBytes;
+
+    /// <summary>Retired native tables above which a flush is due, so that they can be freed.</summary>
+    private const long RetiredBudgetBytes = 1 << 20;
 
     private readonly PatchRuntime _runtime;
     private long _batches;
@@ -60,6 +64,13 @@ public sealed unsafe class LivePatcher
         _runtime.TrapHits, _runtime.ForeignTraps, _runtime.StaleTraps);
 
     /// <summary>
+    /// Whether enough batch tables wait for a thread flush that one should run soon: a batch's trap
+    /// table can be freed only after a flush proves no trap handler still reads it. The engine's grace
+    /// worker checks this; a host that uses the patcher alone calls <see cref="Flush"/> when it is set.
+    /// </summary>
+    public bool FlushDue => _runtime.RetiredBytes > RetiredBudgetBytes;
+
+    /// <summary>
     /// Called after the tails are written and before any first byte is restored, that is, before a
     /// change can be visible to another thread (tracing records the change here).
     /// </summary>
@@ -85,6 +96,7 @@ public sealed unsafe class LivePatcher
             }
 
             var table = BuildTrapTable(effective, p => byPatch[p].OnTrap);
+            var tableBytes = 8L + (effective.Count * ControlBlock.TrapEntrySize);
             _runtime.PublishTrapTable(table);
             var armed = 0;
             try
@@ -128,7 +140,7 @@ public sealed unsafe class LivePatcher
             finally
             {
                 _runtime.PublishTrapTable(0);
-                _runtime.Retire(table);
+                _runtime.Retire(table, tableBytes);
             }
 
             Interlocked.Increment(ref _batches);
@@ -189,8 +201,10 @@ public sealed unsafe class LivePatcher
             // The previous descriptor may still be read by a late handler; it goes when this flush completes.
             if (s_currentDescriptor != 0)
             {
-                freeable.Add(s_currentDescriptor);
+                freeable.Add((s_currentDescriptor, s_currentDescriptorBytes));
             }
+
+            s_currentDescriptorBytes = size;
 
             s_currentDescriptor = (nint)descriptor;
             _runtime.PublishFlushDescriptor((nint)descriptor);
@@ -213,9 +227,9 @@ public sealed unsafe class LivePatcher
             }
             else
             {
-                foreach (var table in freeable)
+                foreach (var (table, bytes) in freeable)
                 {
-                    _runtime.Retire(table);
+                    _runtime.Retire(table, bytes);
                 }
 
                 Interlocked.Increment(ref _flushTimeouts);

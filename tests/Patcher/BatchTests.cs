@@ -1,6 +1,7 @@
 using Iced.Intel;
 using Optpoline.Patcher;
 using Optpoline.Sites;
+using Optpoline.Stress;
 using Optpoline.Tests.Support;
 
 namespace Optpoline.Tests.Patcher;
@@ -14,7 +15,7 @@ public sealed class BatchTests
     {
         using var engine = new OptpolineEngine();
         var targets = ChecksumCode.EmitTargets(engine, 4);
-        var sites = EmitSites(engine, 1000);
+        var sites = SiteBlock.Emit(engine, 1000);
         var before = engine.PatchStatistics;
         var graceBefore = engine.GracePeriods;
         var promote = engine.PromoteAsync([.. sites.Select(s => new SiteUpdate(s, targets[..1]))]);
@@ -35,11 +36,37 @@ public sealed class BatchTests
     }
 
     [Test]
+    public void Batch_tables_are_freed_by_a_flush_even_when_no_promotion_waits()
+    {
+        using var engine = new OptpolineEngine();
+        var targets = ChecksumCode.EmitTargets(engine, 1);
+        var sites = SiteBlock.Emit(engine, 1000);
+        var promote = sites.Select(s => new SiteUpdate(s, targets)).ToList();
+        var demote = sites.Select(s => new SiteUpdate(s, [])).ToList();
+        var flushesBefore = engine.PatchStatistics.Flushes;
+        for (var i = 0; i < 100; i++)
+        {
+            // Each batch of 1000 retires a 32 KB trap table: 6.4 MB if nothing ever frees them.
+            Assert.That(engine.PromoteAsync(promote).IsCompletedSuccessfully, Is.True);
+            Assert.That(engine.PromoteAsync(demote).IsCompletedSuccessfully, Is.True);
+        }
+
+        var deadline = DateTime.UtcNow.AddSeconds(5);
+        while (engine.Scheduler.Patcher.FlushDue && DateTime.UtcNow < deadline)
+        {
+            Thread.Sleep(10);
+        }
+
+        Assert.That(engine.Scheduler.Patcher.FlushDue, Is.False, "the grace worker flushed and freed the tables");
+        Assert.That(engine.PatchStatistics.Flushes, Is.GreaterThan(flushesBefore));
+    }
+
+    [Test]
     public void A_thousand_repromotions_share_one_grace_period()
     {
         using var engine = new OptpolineEngine();
         var targets = ChecksumCode.EmitTargets(engine, 4);
-        var sites = EmitSites(engine, 1000);
+        var sites = SiteBlock.Emit(engine, 1000);
         engine.PromoteAsync([.. sites.Select(s => new SiteUpdate(s, targets[..1]))]).Wait();
         var graceBefore = engine.GracePeriods;
         var before = engine.PatchStatistics;
@@ -103,22 +130,6 @@ public sealed class BatchTests
         site.Promote([targets[9]]);
         Assert.That(site.Targets, Is.EqualTo(new[] { targets[9] }));
         Assert.That(engine.AuditCode(), Is.Empty);
-    }
-
-    private static List<InlineSite> EmitSites(OptpolineEngine engine, int count)
-    {
-        var asm = new Assembler(64);
-        var sites = new List<InlineSite>();
-        for (var i = 0; i < count; i++)
-        {
-            var site = engine.CreateInlineSite(Register.RAX, 1);
-            site.Emit(asm);
-            sites.Add(site);
-        }
-
-        asm.ret();
-        engine.Assemble(asm);
-        return sites;
     }
 
     private static byte[] SiteBytes(OptpolineEngine engine, InlineSite site)

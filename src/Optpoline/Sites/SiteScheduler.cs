@@ -18,6 +18,8 @@ namespace Optpoline.Sites;
 ///   moves a thread inside it to the register's fallback thunk (same stack, same behaviour).
 /// - One background worker runs one flush for all pending work, outside the lock, so no host thread
 ///   and no batch waits for it. If the flush times out, every request that needed it is rolled back.
+///   It also flushes when the patcher's retired batch tables pass their budget, so that they are freed
+///   even when no promotion ever waits.
 /// </remarks>
 internal sealed class SiteScheduler : IDisposable
 {
@@ -135,7 +137,7 @@ internal sealed class SiteScheduler : IDisposable
             }
         }
 
-        if (tasks.Count > 0)
+        if (tasks.Count > 0 || Patcher.FlushDue)
         {
             _wake.Set();
         }
@@ -306,7 +308,7 @@ internal sealed class SiteScheduler : IDisposable
             long epoch;
             lock (SyncRoot)
             {
-                if (_pending.Count == 0 && _retired.Count == 0)
+                if (_pending.Count == 0 && _retired.Count == 0 && !Patcher.FlushDue)
                 {
                     continue;
                 }

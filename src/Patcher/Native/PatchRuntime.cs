@@ -15,7 +15,8 @@ internal sealed unsafe class PatchRuntime
     private static PatchRuntime? s_instance;
 
     private readonly byte* _cb;
-    private readonly List<nint> _retired = [];
+    private readonly List<(nint Table, long Bytes)> _retired = [];
+    private long _retiredBytes;
 
     private PatchRuntime(int flushSignal)
     {
@@ -93,22 +94,36 @@ internal sealed unsafe class PatchRuntime
     /// flush that started later has completed (every thread then ran a flush handler, and the flush
     /// signal is blocked inside the trap handler, so no earlier handler invocation is still running).
     /// </summary>
-    public void Retire(nint table)
+    public void Retire(nint table, long bytes)
     {
         lock (_retired)
         {
-            _retired.Add(table);
+            _retired.Add((table, bytes));
+            _retiredBytes += bytes;
         }
     }
 
     /// <summary>Called as a flush starts: the tables retired so far become freeable when it completes.</summary>
-    public List<nint> TakeRetired()
+    public List<(nint Table, long Bytes)> TakeRetired()
     {
         lock (_retired)
         {
-            var taken = new List<nint>(_retired);
+            var taken = new List<(nint, long)>(_retired);
             _retired.Clear();
+            _retiredBytes = 0;
             return taken;
+        }
+    }
+
+    /// <summary>Bytes of retired tables waiting for a flush.</summary>
+    public long RetiredBytes
+    {
+        get
+        {
+            lock (_retired)
+            {
+                return _retiredBytes;
+            }
         }
     }
 
@@ -215,7 +230,7 @@ internal sealed unsafe class PatchRuntime
             }
         }
 
-        Retire((nint)table);
+        Retire((nint)table, 8 + ControlBlock.TrapEntrySize);
     }
 
     private void SignalAllThreadsAndWait()
@@ -243,9 +258,9 @@ internal sealed unsafe class PatchRuntime
     }
 
     /// <summary>Frees tables whose last possible reader is gone (called after a successful flush).</summary>
-    internal static void FreeRetired(List<nint> tables)
+    internal static void FreeRetired(List<(nint Table, long Bytes)> tables)
     {
-        foreach (var table in tables)
+        foreach (var (table, _) in tables)
         {
             NativeMemory.AlignedFree((void*)table);
         }
