@@ -1,7 +1,7 @@
 using BenchmarkDotNet.Attributes;
-using Iced.Intel;
 using Optpoline.Patcher;
 using Optpoline.Sites;
+using Optpoline.Stress;
 
 namespace Optpoline.Bench;
 
@@ -31,11 +31,11 @@ public class PatchCost
     {
         _engine = new OptpolineEngine();
         _targets = LoopKernels.EmitTargets(_engine, 2);
-        var sites = EmitSites(_engine, Sites);
+        var sites = SiteBlock.Emit(_engine, Sites);
         _promote = [.. sites.Select(s => new SiteUpdate(s, [_targets[0]]))];
         _demote = [.. sites.Select(s => new SiteUpdate(s, []))];
         _runtime = Optpoline.Patcher.Native.PatchRuntime.Get(_engine.Scheduler.Patcher.FlushSignal);
-        _single = EmitSites(_engine, 1)[0];
+        _single = SiteBlock.Emit(_engine, 1)[0];
         _single.Promote([_targets[0]]);
     }
 
@@ -61,20 +61,4 @@ public class PatchCost
     /// <summary>The unit all batches pay three times.</summary>
     [Benchmark]
     public void CoreSync() => _runtime.CoreSync();
-
-    internal static List<InlineSite> EmitSites(OptpolineEngine engine, int count)
-    {
-        var asm = new Assembler(64);
-        var sites = new List<InlineSite>(count);
-        for (var i = 0; i < count; i++)
-        {
-            var site = engine.CreateInlineSite(Register.RAX, 1);
-            site.Emit(asm);
-            sites.Add(site);
-        }
-
-        asm.ret();
-        engine.Assemble(asm);
-        return sites;
-    }
 }

@@ -3,6 +3,7 @@ using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Reports;
 using BenchmarkDotNet.Running;
 using Optpoline.Sites;
+using Optpoline.Stress;
 
 namespace Optpoline.Bench;
 
@@ -40,8 +41,8 @@ public sealed class PatchCounterColumnsAttribute : Attribute, IConfigSource
             var sites = (int)benchmarkCase.Parameters["Sites"];
             using var engine = new OptpolineEngine();
             var targets = LoopKernels.EmitTargets(engine, 2);
-            var all = PatchCost.EmitSites(engine, sites);
-            var single = all[0];
+            var all = SiteBlock.Emit(engine, sites);
+            var single = SiteBlock.Emit(engine, 1)[0];
             single.Promote([targets[0]]);
             var before = engine.PatchStatistics;
             double per;
