@@ -11,13 +11,15 @@ namespace Optpoline.Learning;
 /// - Learning: it is on the fallback and every call is a candidate sample. Once it has enough samples
 ///   the cost model picks the prefix of hottest targets with the lowest expected cost per call; if that
 ///   saves less than <see cref="LearnerOptions.MinGain"/>, the site is megamorphic and backs off.
-/// - Promoted: only misses are sampled. When they exceed what the promotion predicted (a phase change),
-///   or after the periodic relearning interval, the site goes back to the fallback to relearn (a
-///   demotion costs no grace period). A steady site therefore causes no patches.
+/// - Promoted: only misses are sampled. When they exceed what the promotion predicted while the
+///   promoted targets still take most calls, the well-known missed targets are appended (a chain swap).
+///   When most calls miss (a phase change), or after the periodic relearning interval, the site goes
+///   back to the fallback to relearn (a demotion costs no grace period). A steady site causes no patches.
 /// - Backoff (megamorphic): it stays on the fallback and is decided again after 1, 2, 4, … epochs
 ///   (at most <see cref="LearnerOptions.MaxBackoffEpochs"/>), counting all the while.
 /// Counters are Space-Saving heavy hitters with their overestimation tracked, so a megamorphic stream
-/// never looks concentrated; counts decay by <see cref="LearnerOptions.Decay"/> per epoch.
+/// never looks concentrated. A learning site accumulates; back-off counts and miss evidence decay by
+/// <see cref="LearnerOptions.Decay"/> per epoch.
 /// </remarks>
 public sealed class Learner
 {
@@ -84,7 +86,7 @@ public sealed class Learner
 
     /// <summary>Where a site stands, for statistics.</summary>
     public SiteLearningState? GetState(int site) =>
-        _sites.TryGetValue(site, out var s) ? new SiteLearningState(s.Mode.ToString(), [.. s.Promoted], s.BackoffEpochs, s.Unreachable.Count) : null;
+        _sites.TryGetValue(site, out var s) ? new SiteLearningState(s.Mode.ToString(), [.. s.Promoted], s.BackoffEpochs, s.Unreachable.Count, s.TotalWeight) : null;
 
     /// <summary>
     /// Ends an epoch: decides for every site from what it has seen, applies the per-site and global
@@ -110,7 +112,12 @@ public sealed class Learner
             }
 
             state.EpochSamples = 0;
-            state.Age(_options.Decay);
+            if (state.Mode != Mode.Learning)
+            {
+                // A learning site was reset when it started learning, so all it counts belongs to the
+                // current phase: it accumulates until it can decide. Back-off and miss evidence decay.
+                state.Age(_options.Decay);
+            }
         }
 
         if (Suspended)
@@ -152,6 +159,25 @@ public sealed class Learner
         var usable = ranked.Where(c => !state.Unreachable.Contains(c.Target)).Take(state.MaxTargets).ToList();
         var (count, cost, coverage) = BestPrefix(usable, total);
         var gain = 1 - (cost / _options.FallbackCostNs);
+        var dropped = 0.0;
+        if (count > 0 && gain >= _options.MinGain && usable[count - 1].Guaranteed < _options.MinTargetSamples)
+        {
+            if (total < 8 * _options.MinSamples)
+            {
+                // Worth promoting, but the coldest chosen target is not yet known well enough: wait.
+                // (At 128 samples a real 1-in-8 target falls below 6 with probability ~1e-4.)
+                return;
+            }
+
+            // Enough evidence overall: targets still below the threshold are noise (or the residue of an
+            // earlier phase); decide among the well-known ones. A real one left out is added later by an
+            // extension, from its misses.
+            dropped = usable.Where(c => c.Guaranteed < _options.MinTargetSamples).Sum(c => c.Guaranteed) / total;
+            usable = [.. usable.Where(c => c.Guaranteed >= _options.MinTargetSamples)];
+            (count, cost, coverage) = BestPrefix(usable, total);
+            gain = 1 - (cost / _options.FallbackCostNs);
+        }
+
         if (count == 0 || gain < _options.MinGain)
         {
             // Megamorphic for this policy: stay on the fallback and decide again later, less often each
@@ -174,7 +200,13 @@ public sealed class Learner
             state.PeriodicCheck = null;
             state.Mode = Mode.Promoted;
             state.Promoted = targets;
-            state.ExpectedMisses = rate * (1 - coverage);
+            state.Rate = rate;
+
+            // Targets left out for lack of evidence are not expected to miss: if they are real they keep
+            // missing and get added by an extension; if they were noise or residue they disappear.
+            state.ExpectedMisses = rate * Math.Max(0, 1 - coverage - dropped);
+            state.ExcessEpochs = 0;
+            state.Clear();
             state.RelearnAt = state.RelearnEvery == 0 ? long.MaxValue : Epoch + state.RelearnEvery;
             state.BackoffEpochs = 0;
         }));
@@ -182,11 +214,28 @@ public sealed class Learner
 
     private void ConsiderPromoted(int id, SiteState state, List<(SiteState, SiteDecision, double, Action)> candidates)
     {
+        // Misses are compared as decayed evidence since the promotion, not per epoch: a target missing
+        // from an 8-way promotion is sampled only a few times per epoch, below any per-epoch noise floor.
         var misses = state.EpochSamples;
-        var limit = (_options.RelearnMissFactor * state.ExpectedMisses) + (_options.MinSamples / 2);
-        DecisionReason? reason = misses > limit ? DecisionReason.PhaseChange : Epoch >= state.RelearnAt ? DecisionReason.Periodic : null;
+        var evidence = state.TotalWeight;
+        var limit = (_options.RelearnMissFactor * state.ExpectedMisses / (1 - _options.Decay)) + _options.MinTargetSamples;
+        DecisionReason? reason = evidence > limit ? DecisionReason.PhaseChange : Epoch >= state.RelearnAt ? DecisionReason.Periodic : null;
+        state.ExcessEpochs = reason == DecisionReason.PhaseChange ? state.ExcessEpochs + 1 : 0;
         if (reason is null)
         {
+            return;
+        }
+
+        if (reason == DecisionReason.PhaseChange && misses < state.Rate / 2)
+        {
+            // The promotion still serves most calls. Extend it once the excess has lasted two epochs (an
+            // epoch in the middle of a phase change looks partial too: extending then would keep the old
+            // phase's target in front of the new ones) and the missed targets are known well enough.
+            if (state.ExcessEpochs >= 2)
+            {
+                TryExtend(id, state, misses, candidates);
+            }
+
             return;
         }
 
@@ -195,6 +244,35 @@ public sealed class Learner
             state.PeriodicCheck = reason == DecisionReason.Periodic ? state.Promoted : null;
             state.Mode = Mode.Learning;
             state.Promoted = [];
+            state.Clear();
+        }));
+    }
+
+    /// <summary>
+    /// The promoted targets still take most calls, but others miss more than predicted: append the well
+    /// known missed targets (counted since the promotion) instead of relearning everything. The inline
+    /// slots keep their targets, so the change is a chain swap, which needs no grace period.
+    /// </summary>
+    private void TryExtend(int id, SiteState state, double misses, List<(SiteState, SiteDecision, double, Action)> candidates)
+    {
+        var room = state.MaxTargets - state.Promoted.Length;
+        var total = state.TotalWeight;
+        var extra = state.Ranked()
+            .Where(c => !state.Promoted.Contains(c.Target) && !state.Unreachable.Contains(c.Target) && c.Guaranteed >= _options.MinTargetSamples)
+            .Take(room)
+            .ToList();
+        if (extra.Count == 0 || total <= 0)
+        {
+            return;
+        }
+
+        var targets = state.Promoted.Concat(extra.Select(c => c.Target)).ToArray();
+        var stillMissing = Math.Max(0, 1 - (extra.Sum(c => c.Guaranteed) / total));
+        candidates.Add((state, new SiteDecision(id, targets, DecisionReason.Promote), misses, () =>
+        {
+            state.Promoted = targets;
+            state.ExpectedMisses = misses * stillMissing;
+            state.ExcessEpochs = 0;
             state.Clear();
         }));
     }
@@ -258,6 +336,12 @@ public sealed class Learner
         public ulong[]? PeriodicCheck { get; set; }
 
         public double ExpectedMisses { get; set; }
+
+        /// <summary>Consecutive epochs in which a promoted site missed more than predicted.</summary>
+        public int ExcessEpochs { get; set; }
+
+        /// <summary>Samples per epoch while the site was learning (all its calls then reach the fallback).</summary>
+        public double Rate { get; set; }
 
         public long LastPromotion { get; set; } = long.MinValue / 2;
 
@@ -328,4 +412,5 @@ public sealed class Learner
 /// <param name="Promoted">Targets the learner promoted (empty unless promoted).</param>
 /// <param name="BackoffEpochs">Current back-off length of a megamorphic site.</param>
 /// <param name="Unreachable">Targets excluded because a direct call cannot reach them.</param>
-public sealed record SiteLearningState(string Mode, IReadOnlyList<ulong> Promoted, int BackoffEpochs, int Unreachable);
+/// <param name="Evidence">Decayed samples counted so far (compared with <see cref="LearnerOptions.MinSamples"/>).</param>
+public sealed record SiteLearningState(string Mode, IReadOnlyList<ulong> Promoted, int BackoffEpochs, int Unreachable, double Evidence);

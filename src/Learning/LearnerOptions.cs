@@ -14,8 +14,15 @@ public sealed class LearnerOptions
     /// <summary>Weight the previous epochs keep at each epoch end (0: only the last epoch counts).</summary>
     public double Decay { get; init; } = 0.5;
 
-    /// <summary>Decayed samples a learning site needs before the learner decides for it.</summary>
+    /// <summary>Decayed samples a learning site needs before the learner decides anything for it.</summary>
     public double MinSamples { get; init; } = 16;
+
+    /// <summary>
+    /// Samples each target of a promotion needs (its guaranteed count): a mono site decides at
+    /// <see cref="MinSamples"/>, an 8-way site once each target was seen this often. Deciding on too
+    /// little made 8-way sites promote 5 of their targets and relearn again and again (measured).
+    /// </summary>
+    public double MinTargetSamples { get; init; } = 6;
 
     /// <summary>Cost of one call that takes the fallback (a retpoline: ~10 ns measured here).</summary>
     public double FallbackCostNs { get; init; } = 10;
@@ -30,8 +37,9 @@ public sealed class LearnerOptions
     public double MinGain { get; init; } = 0.25;
 
     /// <summary>
-    /// A promoted site is relearned when its misses per epoch exceed this many times what its
-    /// promotion predicted (plus <see cref="MinSamples"/> / 2, so noise on a quiet site does not count).
+    /// A promoted site is revisited when its misses (decayed, since the promotion) exceed this many
+    /// times what its promotion predicted, plus <see cref="MinTargetSamples"/> so that rare noise on a
+    /// fully covered site does not count.
     /// </summary>
     public double RelearnMissFactor { get; init; } = 2;
 
@@ -66,7 +74,7 @@ public sealed class LearnerOptions
             throw new ArgumentOutOfRangeException(nameof(Decay), Decay, "Decay is a weight in [0, 1).");
         }
 
-        if (MinSamples <= 0 || FallbackCostNs <= 0 || CompareCostNs < 0 || MinGain is < 0 or > 1 || RelearnMissFactor < 1)
+        if (MinSamples <= 0 || MinTargetSamples <= 0 || FallbackCostNs <= 0 || CompareCostNs < 0 || MinGain is < 0 or > 1 || RelearnMissFactor < 1)
         {
             throw new ArgumentOutOfRangeException(nameof(MinSamples), "MinSamples and FallbackCostNs must be positive, CompareCostNs >= 0, MinGain in [0, 1], RelearnMissFactor >= 1.");
         }

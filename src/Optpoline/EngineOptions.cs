@@ -16,6 +16,9 @@ public sealed class EngineOptions
     /// <summary>Code memory placement and sizes.</summary>
     public CodeMemoryOptions Memory { get; init; } = new();
 
+    /// <summary>Learning: sampling stubs, the epoch loop and the promotion policy.</summary>
+    public LearningOptions Learning { get; init; } = new();
+
     /// <summary>Live patching: the thread-flush signal and timeout.</summary>
     public PatcherOptions Patching { get; init; } = new();
 

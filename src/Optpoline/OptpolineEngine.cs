@@ -1,6 +1,8 @@
 using System.Runtime.CompilerServices;
 using Iced.Intel;
 using Optpoline.Emit;
+using Optpoline.Learning;
+using Optpoline.Platform;
 using Optpoline.Memory;
 using Optpoline.Patcher;
 using Optpoline.Sites;
@@ -29,7 +31,17 @@ public sealed class OptpolineEngine : IDisposable
     private readonly List<Site> _sites = [];
     private readonly ConditionalWeakTable<Assembler, List<(InlineSite Site, int Index)>> _pending = [];
     private readonly Lock _lock = new();
+    private readonly Lock _learnLock = new();
+    private readonly SampleBuffer? _samples;
+    private readonly LearningStubs? _learningStubs;
+    private readonly Learner? _learner;
+    private readonly Dictionary<ulong, Site> _sitesByKey = [];
+    private readonly List<Site> _sitesById = [];
+    private readonly Thread? _learnThread;
+    private readonly ManualResetEventSlim _stopLearning = new();
     private int _siteCounter;
+    private long _learnFailures;
+    private volatile bool _patchingSuspended;
 
     /// <summary>Creates an engine: reserves code memory near the anchor and emits the fallback thunks.</summary>
     /// <exception cref="ArgumentOutOfRangeException">An option is out of range.</exception>
@@ -60,7 +72,40 @@ public sealed class OptpolineEngine : IDisposable
         }
 
         Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
+        if (Options.Learning.Enabled)
+        {
+            _samples = new SampleBuffer(Options.Learning.SamplePeriod, Options.Learning.RingCapacity);
+            _learningStubs = new LearningStubs(Code, _samples, register => GetFallback(register), LinuxOs.RseqCpuIdOffset());
+            _learner = new Learner(Options.Learning.Policy);
+            if (Options.Learning.Background)
+            {
+                _learnThread = new Thread(LearnLoop) { IsBackground = true, Name = "optpoline learner" };
+                _learnThread.Start();
+            }
+        }
     }
+
+    /// <summary>Raised after every learning epoch (on the thread that ran it).</summary>
+    public event EventHandler<LearningEpochEventArgs>? EpochCompleted;
+
+    /// <summary>Whether the engine learns (<see cref="LearningOptions.Enabled"/>).</summary>
+    public bool IsLearning => _learner is not null;
+
+    /// <summary>
+    /// Suspends all patching: the learner asks for no change (sampling and counting go on) and
+    /// explicit requests are refused. A trace session that needs a stable text sets it.
+    /// </summary>
+    public bool PatchingSuspended
+    {
+        get => _patchingSuspended;
+        set => _patchingSuspended = value;
+    }
+
+    /// <summary>Samples lost because a ring filled between two epochs.</summary>
+    public long LostSamples => _samples?.Lost ?? 0;
+
+    /// <summary>Learning epochs whose changes failed (for example a grace period that timed out; the sites were rolled back).</summary>
+    public long LearningFailures => Interlocked.Read(ref _learnFailures);
 
     /// <summary>The options the engine was created with.</summary>
     public EngineOptions Options { get; }
@@ -209,6 +254,11 @@ public sealed class OptpolineEngine : IDisposable
     public Task PromoteAsync(IReadOnlyList<SiteUpdate> updates)
     {
         ArgumentNullException.ThrowIfNull(updates);
+        if (_patchingSuspended)
+        {
+            throw new InvalidOperationException("Patching is suspended (PatchingSuspended = true); no site can change until it is resumed.");
+        }
+
         foreach (var update in updates)
         {
             if (update?.Site is { } site && !ReferenceEquals(site.Owner, this))
@@ -229,6 +279,11 @@ public sealed class OptpolineEngine : IDisposable
     {
         var problems = new List<string>();
         problems.AddRange(Check(_thunks.Block, allowIndirect: true));
+        if (_learningStubs is not null)
+        {
+            problems.AddRange(Check(_learningStubs.Block, allowIndirect: false).Select(p => $"learning stubs: {p}"));
+        }
+
         foreach (var site in Sites)
         {
             if (!site.IsBound)
@@ -263,8 +318,138 @@ public sealed class OptpolineEngine : IDisposable
     /// </summary>
     public void Dispose()
     {
+        _stopLearning.Set();
+        _learnThread?.Join();
         Scheduler.Dispose();
         Code.Dispose();
+        _samples?.Dispose();
+        _stopLearning.Dispose();
+    }
+
+    /// <summary>
+    /// Ends a learning epoch: drains the sample rings, lets the policy decide, and requests the changes
+    /// (one batch; promotions into reused slots complete after the next grace period, see
+    /// <see cref="LearningEpochEventArgs.Applied"/>). Called by the engine's learner thread, or by the host
+    /// when <see cref="LearningOptions.Background"/> is false.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The engine does not learn.</exception>
+    public LearningEpochEventArgs LearnEpoch()
+    {
+        if (_learner is null || _samples is null)
+        {
+            throw new InvalidOperationException("This engine does not learn: create it with EngineOptions.Learning.Enabled = true.");
+        }
+
+        LearningEpochEventArgs result;
+        lock (_learnLock)
+        {
+            var dropped = 0;
+            var drained = _samples.Drain((key, target) =>
+            {
+                if (_sitesByKey.TryGetValue(key, out var site))
+                {
+                    site.CountSample();
+                    _learner.Record(site.LearningId, target);
+                }
+                else
+                {
+                    dropped++;
+                }
+            });
+
+            _learner.Suspended = _patchingSuspended;
+            var decisions = _learner.EndEpoch();
+            var updates = new List<SiteUpdate>(decisions.Count);
+            foreach (var decision in decisions)
+            {
+                var site = _sitesById[decision.Site];
+                var reachable = new List<ulong>(decision.Targets.Count);
+                foreach (var target in decision.Targets)
+                {
+                    // Conservative: a target is promoted only if every address of the code window reaches it.
+                    if (X64.TryRel32(Code.WindowLow, target, out _) && X64.TryRel32(Code.WindowHigh, target, out _))
+                    {
+                        reachable.Add(target);
+                    }
+                    else
+                    {
+                        _learner.MarkUnreachable(decision.Site, target);
+                        site.Unreachable([target]);
+                    }
+                }
+
+                updates.Add(new SiteUpdate(site, reachable));
+            }
+
+            var applied = Task.CompletedTask;
+            if (updates.Count > 0 && !_patchingSuspended)
+            {
+                try
+                {
+                    applied = Scheduler.Request(updates);
+                }
+                catch (Exception e) when (e is TargetOutOfReachException or CodeMemoryExhaustedException or PatchRejectedException)
+                {
+                    applied = Task.FromException(e);
+                }
+            }
+
+            applied.ContinueWith(t => Interlocked.Increment(ref _learnFailures), CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
+            result = new LearningEpochEventArgs(_learner.Epoch, drained, dropped, updates.Count, applied);
+        }
+
+        EpochCompleted?.Invoke(this, result);
+        return result;
+    }
+
+    /// <summary>The learning state of a site, or null when the engine does not learn.</summary>
+    public SiteLearningState? GetLearningState(Site site)
+    {
+        ArgumentNullException.ThrowIfNull(site);
+        lock (_learnLock)
+        {
+            return _learner is null || site.LearningId < 0 ? null : _learner.GetState(site.LearningId);
+        }
+    }
+
+    /// <summary>The sampling stub of <paramref name="register"/>, or null when the engine does not learn.</summary>
+    internal ulong? LearningTail(Register register, bool byKey) =>
+        _learningStubs is null ? null : byKey ? _learningStubs.ByKey(register) : _learningStubs.ByReturnAddress(register);
+
+    /// <summary>A site's code exists: while learning, its samples (keyed by <paramref name="key"/>) start counting.</summary>
+    internal void SiteBound(Site site, ulong key)
+    {
+        if (_learner is null)
+        {
+            return;
+        }
+
+        lock (_learnLock)
+        {
+            site.LearningId = _sitesById.Count;
+            _sitesById.Add(site);
+            _sitesByKey.Add(key, site);
+            _learner.AddSite(site.LearningId, site.MaxTargets);
+        }
+    }
+
+    private void LearnLoop()
+    {
+        while (!_stopLearning.Wait(Options.Learning.EpochInterval))
+        {
+            try
+            {
+                LearnEpoch();
+            }
+            catch (ObjectDisposedException)
+            {
+                return;
+            }
+            catch (InvalidOperationException)
+            {
+                Interlocked.Increment(ref _learnFailures);
+            }
+        }
     }
 
     internal SiteScheduler Scheduler { get; }

@@ -8,9 +8,10 @@ namespace Optpoline.Tests.Sites;
 /// Every register x every slot count x every site state calls the function whose address was in the
 /// register, with all other registers and the stack arguments unchanged (invariant 1, guarded).
 /// </summary>
-[TestFixture(FallbackKind.Retpoline)]
-[TestFixture(FallbackKind.Indirect)]
-public sealed class SiteDispatchTests(FallbackKind fallback)
+[TestFixture(FallbackKind.Retpoline, false)]
+[TestFixture(FallbackKind.Indirect, false)]
+[TestFixture(FallbackKind.Retpoline, true)]
+public sealed class SiteDispatchTests(FallbackKind fallback, bool learning)
 {
     private const int TargetCount = 12;
     private OptpolineEngine _engine = null!;
@@ -21,7 +22,12 @@ public sealed class SiteDispatchTests(FallbackKind fallback)
     [OneTimeSetUp]
     public void CreateEngine()
     {
-        _engine = new OptpolineEngine(new EngineOptions { Fallback = fallback });
+        // With learning on and a sample period of 1, every fallback call runs the sampling stub's sample path.
+        _engine = new OptpolineEngine(new EngineOptions
+        {
+            Fallback = fallback,
+            Learning = new LearningOptions { Enabled = learning, Background = false, SamplePeriod = 1 },
+        });
         _targets = ChecksumCode.EmitTargets(_engine, TargetCount);
     }
 
@@ -55,6 +61,11 @@ public sealed class SiteDispatchTests(FallbackKind fallback)
         Assert.That(site.Targets, Is.Empty);
         AssertAllTargetsDispatch(driver, register, random, "reset");
         Assert.That(_engine.AuditCode(), Is.Empty);
+        if (learning)
+        {
+            _engine.LearnEpoch();
+            Assert.That(site.SampleCount, Is.GreaterThan(0), "the stub recorded this site's fallback calls");
+        }
     }
 
     [Test]

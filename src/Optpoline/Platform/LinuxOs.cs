@@ -43,6 +43,22 @@ internal static partial class LinuxOs
     [LibraryImport(Libc, EntryPoint = "close", SetLastError = true)]
     public static partial int Close(int fd);
 
+    /// <summary>
+    /// Offset of <c>rseq.cpu_id</c> from the thread pointer (fs base), or null when glibc did not register
+    /// rseq (glibc older than 2.35, or the glibc.pthread.rseq tunable set to 0).
+    /// </summary>
+    public static long? RseqCpuIdOffset()
+    {
+        var libc = NativeLibrary.Load(Libc);
+        if (!NativeLibrary.TryGetExport(libc, "__rseq_offset", out var offset) || !NativeLibrary.TryGetExport(libc, "__rseq_size", out var size))
+        {
+            return null;
+        }
+
+        // struct rseq: cpu_id_start @0, cpu_id @4.
+        return Marshal.ReadInt32(size) == 0 ? null : Marshal.ReadInt64(offset) + 4;
+    }
+
     /// <summary>The errno of the last call above, on this thread.</summary>
     public static int LastErrno => Marshal.GetLastPInvokeError();
 

@@ -34,6 +34,7 @@ public sealed class InlineSite : Site
         : base(engine, register, inlineSlots, name)
     {
         _pauses = engine.Options.SlotWindowPauses;
+        Tail = engine.LearningTail(register, byKey: false) ?? engine.GetFallback(register);
         if (inlineSlots == 0)
         {
             return;
@@ -59,11 +60,11 @@ public sealed class InlineSite : Site
             _doneJumps.Add(at + (ulong)SlotLength);
         }
 
-        code.Add(Instruction.CreateBranch(Code.Call_rel32_64, engine.GetFallback(register)));
+        code.Add(Instruction.CreateBranch(Code.Call_rel32_64, Tail));
         AddInt3(code, X64.Rel32Length);
         _doneJumps.Add(lastMiss + X64.Rel32Length);
         X64.Encode(at, code).CopyTo(_stub.GetWritableSpan());
-        _pendingLink = new Link(lastMiss, X64.CallRel32, engine.GetFallback(register));
+        _pendingLink = new Link(lastMiss, X64.CallRel32, Tail);
     }
 
     /// <inheritdoc/>
@@ -146,14 +147,14 @@ public sealed class InlineSite : Site
         }
 
         var decoder = Decoder.Create(64, new ByteArrayCodeReader(code.ToArray()), address);
-        var fallback = Engine.GetFallback(Register);
         if (InlineSlotCount == 0)
         {
             var call = decoder.Decode();
-            Expect(call.Code == Code.Call_rel32_64 && call.NearBranchTarget == fallback, call, "call rel32 to the fallback");
-            OutLink = new Link(address, X64.CallRel32, fallback);
+            Expect(call.Code == Code.Call_rel32_64 && call.NearBranchTarget == Tail, call, "call rel32 to the fallback");
+            OutLink = new Link(address, X64.CallRel32, Tail);
             _address = address;
             _boundLength = X64.Rel32Length;
+            Engine.SiteBound(this, OutLink.Address + X64.Rel32Length);
             return;
         }
 
@@ -188,6 +189,7 @@ public sealed class InlineSite : Site
         OutLink = _pendingLink;
         _address = address;
         _boundLength = (int)(done - address);
+        Engine.SiteBound(this, OutLink!.Address + X64.Rel32Length);
     }
 
     private static byte[] Int3s(int count) => Enumerable.Repeat(X64.Int3, count).ToArray();
@@ -220,10 +222,9 @@ public sealed class InlineSite : Site
 
     private List<Instruction> Template()
     {
-        var fallback = Engine.GetFallback(Register);
         if (InlineSlotCount == 0)
         {
-            return [Instruction.CreateBranch(Code.Call_rel32_64, fallback)];
+            return [Instruction.CreateBranch(Code.Call_rel32_64, Tail)];
         }
 
         // The call's placeholder target is the stub: near, and dead while the slot is empty.

@@ -16,10 +16,26 @@ public sealed class OutlineSite : Site
     internal OutlineSite(OptpolineEngine engine, Register register, string name)
         : base(engine, register, 0, name)
     {
-        _stub = engine.Code.Allocate(16, 16);
-        var fallback = engine.GetFallback(register);
-        X64.Rel32(X64.JmpRel32, _stub.Address, fallback).CopyTo(_stub.GetWritableSpan());
-        OutLink = new Link(_stub.Address, X64.JmpRel32, fallback);
+        // Entry: jmp OUT. While learning, OUT starts as the site's own tail right behind it, which loads
+        // the site's key (its entry address) into r11 for the shared sampling stub:
+        // +0 jmp tail | +5 movabs r11, entry | +15 jmp learn_by_key_R.
+        var learning = engine.LearningTail(register, byKey: true);
+        _stub = engine.Code.Allocate(learning is null ? 16 : 32, 16);
+        var code = _stub.GetWritableSpan();
+        if (learning is { } stub)
+        {
+            Tail = _stub.Address + X64.Rel32Length;
+            X64.MovR11(_stub.Address).CopyTo(code[X64.Rel32Length..]);
+            X64.Rel32(X64.JmpRel32, Tail + X64.MovAbsLength, stub).CopyTo(code[(X64.Rel32Length + X64.MovAbsLength)..]);
+        }
+        else
+        {
+            Tail = engine.GetFallback(register);
+        }
+
+        X64.Rel32(X64.JmpRel32, _stub.Address, Tail).CopyTo(code);
+        OutLink = new Link(_stub.Address, X64.JmpRel32, Tail);
+        engine.SiteBound(this, _stub.Address);
     }
 
     /// <inheritdoc/>

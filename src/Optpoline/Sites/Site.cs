@@ -22,6 +22,7 @@ public abstract class Site
 {
     private readonly HashSet<ulong> _unreachable = [];
     private long _patches;
+    private long _samples;
 
     private protected Site(OptpolineEngine engine, Register register, int inlineSlots, string name)
     {
@@ -90,6 +91,20 @@ public abstract class Site
 
     /// <summary>The thunk that unmatched targets go to.</summary>
     public ulong Fallback => Engine.GetFallback(Register);
+
+    /// <summary>Fallback calls of this site sampled by the learning stubs.</summary>
+    public long SampleCount => Interlocked.Read(ref _samples);
+
+    /// <summary>
+    /// Where the site's miss path and outline chains end: the register's sampling stub while the engine
+    /// learns, else the fallback thunk itself (so learning off costs nothing).
+    /// </summary>
+    internal ulong Tail { get; private protected set; }
+
+    /// <summary>The learner's id for the site (-1 when the engine does not learn).</summary>
+    internal int LearningId { get; set; } = -1;
+
+    internal void CountSample() => Interlocked.Increment(ref _samples);
 
     private protected OptpolineEngine Engine { get; }
 

@@ -174,7 +174,7 @@ internal sealed class SiteScheduler : IDisposable
 
     private OutlineChain CreateChain(Site site, ulong[] outline)
     {
-        var chain = OutlineChain.TryCreate(_engine.Code, site.Register, outline, site.Fallback, out var unreachable);
+        var chain = OutlineChain.TryCreate(_engine.Code, site.Register, outline, site.Tail, out var unreachable);
         return chain ?? throw site.Unreachable(unreachable);
     }
 
@@ -182,7 +182,7 @@ internal sealed class SiteScheduler : IDisposable
     private void PlanLink(Site site, OutlineChain? chain, Plan plan)
     {
         var link = site.OutLink!;
-        var target = chain?.Entry ?? site.Fallback;
+        var target = chain?.Entry ?? site.Tail;
         if (target == link.Target)
         {
             return;

@@ -1,0 +1,169 @@
+using System.Runtime.InteropServices;
+using Iced.Intel;
+using Optpoline.Sites;
+using static Iced.Intel.AssemblerRegisters;
+
+namespace Optpoline.Stress;
+
+/// <summary>
+/// Many inline sites (two slots each) on RAX in one native loop, run by caller threads, with the target
+/// distribution of every site set per phase by rewriting the tables the loop reads. Every target checks
+/// that RAX holds its own address, so a wrong call is counted. Shared by the learning tests and bench.
+/// </summary>
+public sealed unsafe class LearningWorkload : IDisposable
+{
+    /// <summary>Table entries per site; a phase's distribution is laid out over them.</summary>
+    public const int TableLength = 1024;
+
+    private readonly ulong* _tables;
+    private readonly delegate* unmanaged<ulong, ulong*, ulong*, void> _loop;
+    private readonly List<Thread> _callers = [];
+    private long _calls;
+    private long _wrong;
+    private volatile bool _stop;
+
+    public LearningWorkload(OptpolineEngine engine, int siteCount, int targetCount = 300)
+    {
+        ArgumentNullException.ThrowIfNull(engine);
+        Targets = [.. Enumerable.Range(0, targetCount).Select(_ => EmitCheckingTarget(engine))];
+        _tables = (ulong*)NativeMemory.AlignedAlloc((nuint)(siteCount * TableLength * 8), 64);
+        var asm = new Assembler(64);
+        var top = asm.CreateLabel();
+        foreach (var saved in new[] { rbx, r12, r13, r14, r15 })
+        {
+            asm.push(saved);
+        }
+
+        asm.mov(__qword_ptr[rsp - 8], rdx);
+        asm.sub(rsp, 16);
+        asm.mov(r12, rsi);
+        asm.mov(r13, rdi);
+        asm.xor(r14d, r14d);
+        asm.xor(r15d, r15d);
+        asm.Label(ref top);
+        asm.mov(rbx, r14);
+        asm.and(ebx, TableLength - 1);
+        var sites = new List<InlineSite>(siteCount);
+        for (var j = 0; j < siteCount; j++)
+        {
+            asm.mov(rax, __qword_ptr[r12 + (rbx * 8) + (j * TableLength * 8)]);
+            var site = engine.CreateInlineSite(Register.RAX, 2, $"learn{j}");
+            site.Emit(asm);
+            sites.Add(site);
+            asm.add(r15, rax);
+        }
+
+        asm.inc(r14);
+        asm.cmp(r14, r13);
+        asm.jb(top);
+        asm.add(rsp, 16);
+        asm.mov(rax, __qword_ptr[rsp - 8]);
+        asm.mov(__qword_ptr[rax], r15);
+        foreach (var saved in new[] { r15, r14, r13, r12, rbx })
+        {
+            asm.pop(saved);
+        }
+
+        asm.ret();
+        _loop = (delegate* unmanaged<ulong, ulong*, ulong*, void>)engine.Assemble(asm).Address;
+        Sites = sites;
+    }
+
+    /// <summary>The sites, in loop order.</summary>
+    public IReadOnlyList<InlineSite> Sites { get; }
+
+    /// <summary>All targets the phases draw from.</summary>
+    public IReadOnlyList<ulong> Targets { get; }
+
+    /// <summary>Calls made so far.</summary>
+    public long Calls => Interlocked.Read(ref _calls);
+
+    /// <summary>Calls that reached the wrong function.</summary>
+    public long WrongCalls => Interlocked.Read(ref _wrong);
+
+    /// <summary>
+    /// Lays out a phase for every site: <paramref name="weights"/> are (target index, share) pairs,
+    /// offset per site by <paramref name="siteStride"/> target indices so sites differ.
+    /// </summary>
+    public void SetPhase(IReadOnlyList<(int Target, double Share)> weights, int siteStride = 0, int seed = 1)
+    {
+        ArgumentNullException.ThrowIfNull(weights);
+        var random = new Random(seed);
+        for (var j = 0; j < Sites.Count; j++)
+        {
+            var row = _tables + (j * TableLength);
+            var k = 0;
+            foreach (var (target, share) in weights)
+            {
+                var count = (int)Math.Round(share * TableLength);
+                for (var n = 0; n < count && k < TableLength; n++)
+                {
+                    row[k++] = Targets[(target + (j * siteStride)) % Targets.Count];
+                }
+            }
+
+            while (k < TableLength)
+            {
+                row[k++] = Targets[(weights[0].Target + (j * siteStride)) % Targets.Count];
+            }
+
+            // Shuffle so that the order of calls is not a pattern the branch predictor learns.
+            for (var i = TableLength - 1; i > 0; i--)
+            {
+                var swap = random.Next(i + 1);
+                (row[i], row[swap]) = (row[swap], row[i]);
+            }
+        }
+    }
+
+    /// <summary>The target a phase entry names for site <paramref name="site"/>.</summary>
+    public ulong TargetFor(int site, int target, int siteStride = 0) => Targets[(target + (site * siteStride)) % Targets.Count];
+
+    public void Start(int callerThreads)
+    {
+        for (var i = 0; i < callerThreads; i++)
+        {
+            var thread = new Thread(() =>
+            {
+                ulong wrong = 0;
+                while (!_stop)
+                {
+                    _loop(TableLength, _tables, &wrong);
+                    Interlocked.Add(ref _calls, (long)TableLength * Sites.Count);
+                    if (wrong != 0)
+                    {
+                        Interlocked.Add(ref _wrong, (long)wrong);
+                    }
+                }
+            }) { IsBackground = true, Name = "learning caller" };
+            thread.Start();
+            _callers.Add(thread);
+        }
+    }
+
+    public void Stop()
+    {
+        _stop = true;
+        _callers.ForEach(t => t.Join());
+        _callers.Clear();
+    }
+
+    public void Dispose()
+    {
+        Stop();
+        NativeMemory.AlignedFree(_tables);
+    }
+
+    private static ulong EmitCheckingTarget(OptpolineEngine engine)
+    {
+        var asm = new Assembler(64);
+        var self = asm.CreateLabel();
+        asm.Label(ref self);
+        asm.lea(r11, __[self]);
+        asm.cmp(rax, r11);
+        asm.setne(al);
+        asm.movzx(eax, al);
+        asm.ret();
+        return engine.Assemble(asm).Address;
+    }
+}
