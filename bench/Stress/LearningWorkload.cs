@@ -25,7 +25,7 @@ public sealed unsafe class LearningWorkload : IDisposable
     public LearningWorkload(OptpolineEngine engine, int siteCount, int targetCount = 300)
     {
         ArgumentNullException.ThrowIfNull(engine);
-        Targets = [.. Enumerable.Range(0, targetCount).Select(_ => EmitCheckingTarget(engine))];
+        Targets = [.. Enumerable.Range(0, targetCount).Select(_ => CheckingTarget.Emit(engine, Register.RAX))];
         _tables = (ulong*)NativeMemory.AlignedAlloc((nuint)(siteCount * TableLength * 8), 64);
         var asm = new Assembler(64);
         var top = asm.CreateLabel();
@@ -152,18 +152,5 @@ public sealed unsafe class LearningWorkload : IDisposable
     {
         Stop();
         NativeMemory.AlignedFree(_tables);
-    }
-
-    private static ulong EmitCheckingTarget(OptpolineEngine engine)
-    {
-        var asm = new Assembler(64);
-        var self = asm.CreateLabel();
-        asm.Label(ref self);
-        asm.lea(r11, __[self]);
-        asm.cmp(rax, r11);
-        asm.setne(al);
-        asm.movzx(eax, al);
-        asm.ret();
-        return engine.Assemble(asm).Address;
     }
 }

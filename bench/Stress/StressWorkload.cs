@@ -34,7 +34,7 @@ public sealed unsafe class StressWorkload : IDisposable
         _engine = engine;
         foreach (var register in SiteRegisterCycle)
         {
-            _targets[register] = [.. Enumerable.Range(0, targetsPerRegister).Select(_ => EmitCheckingTarget(register))];
+            _targets[register] = [.. Enumerable.Range(0, targetsPerRegister).Select(_ => CheckingTarget.Emit(engine, register))];
         }
 
         var random = new Random(seed);
@@ -176,20 +176,6 @@ public sealed unsafe class StressWorkload : IDisposable
         {
             return 1;
         }
-    }
-
-    /// <summary>A target that returns 0 when <paramref name="register"/> holds its own address, else 1.</summary>
-    private ulong EmitCheckingTarget(Register register)
-    {
-        var asm = new Assembler(64);
-        var self = asm.CreateLabel();
-        asm.Label(ref self);
-        asm.lea(r11, __[self]);
-        asm.cmp(new AssemblerRegister64(register), r11);
-        asm.setne(al);
-        asm.movzx(eax, al);
-        asm.ret();
-        return _engine.Assemble(asm).Address;
     }
 }
 

@@ -394,7 +394,24 @@ public sealed class OptpolineEngine : IDisposable
                 }
             }
 
-            applied.ContinueWith(t => Interlocked.Increment(ref _learnFailures), CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
+            // A change that failed (a grace period timed out and the sites were rolled back) leaves the
+            // learner believing in promotions that are not there: those sites learn again.
+            var changed = updates.Select(u => u.Site.LearningId).ToArray();
+            applied.ContinueWith(
+                _ =>
+                {
+                    Interlocked.Increment(ref _learnFailures);
+                    lock (_learnLock)
+                    {
+                        foreach (var id in changed)
+                        {
+                            _learner.Relearn(id);
+                        }
+                    }
+                },
+                CancellationToken.None,
+                TaskContinuationOptions.OnlyOnFaulted,
+                TaskScheduler.Default);
             result = new LearningEpochEventArgs(_learner.Epoch, drained, dropped, updates.Count, applied);
         }
 

@@ -23,11 +23,6 @@ namespace Optpoline.Patcher;
 /// </remarks>
 public sealed unsafe class LivePatcher
 {
-    private static readonly Lock s_flushLock = new();
-    private static uint s_generation;
-    private static nint s_currentDescriptor;
-    private static long s_currentDescriptorBytes;
-
     /// <summary>Retired native tables above which a flush is due, so that they can be freed.</summary>
     private const long RetiredBudgetBytes = 1 << 20;
 
@@ -169,14 +164,14 @@ public sealed unsafe class LivePatcher
         }
 
         var limit = timeout ?? Options.FlushTimeout;
-        lock (s_flushLock)
+        lock (_runtime.FlushLock)
         {
             var freeable = _runtime.TakeRetired();
             var pid = PatcherOs.Getpid();
             var self = PatcherOs.Gettid();
             var tids = PatcherOs.ThreadIds();
             tids.Remove(self);
-            var generation = ++s_generation;
+            var generation = ++_runtime.FlushGeneration;
             var size = FlushDescriptor.Size(sorted.Count, tids.Count);
             var descriptor = (byte*)NativeMemory.AlignedAlloc((nuint)size, 64);
             new Span<byte>(descriptor, size).Clear();
@@ -199,14 +194,12 @@ public sealed unsafe class LivePatcher
             }
 
             // The previous descriptor may still be read by a late handler; it goes when this flush completes.
-            if (s_currentDescriptor != 0)
+            if (_runtime.CurrentDescriptor.Address != 0)
             {
-                freeable.Add((s_currentDescriptor, s_currentDescriptorBytes));
+                freeable.Add(_runtime.CurrentDescriptor);
             }
 
-            s_currentDescriptorBytes = size;
-
-            s_currentDescriptor = (nint)descriptor;
+            _runtime.CurrentDescriptor = ((nint)descriptor, size);
             _runtime.PublishFlushDescriptor((nint)descriptor);
             Interlocked.MemoryBarrier();
 

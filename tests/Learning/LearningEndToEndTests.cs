@@ -10,62 +10,57 @@ namespace Optpoline.Tests.Learning;
 /// </summary>
 /// <remarks>
 /// Asserted: no wrong call ever; at least 90 % of the sites on exactly the phase's hot set within 12
-/// epochs; no patch for a converged site in a steady phase. Measured alone, every phase converges for
-/// 100 % of the sites within 1-2 epochs; inside the full suite, with less CPU for the callers (fewer
-/// samples per site per epoch), uniform 8 sometimes needs up to 8 epochs or leaves a few percent behind.
-/// Epochs-to-converge is printed, and its acceptance (5 epochs) belongs to the Learning benchmark.
+/// epochs. Measured, every phase converges for 99-100 % of the sites within 1-4 epochs, also inside the
+/// full suite. Epochs-to-converge is printed; its acceptance (5 epochs) belongs to the Learning benchmark.
 /// </remarks>
 [NonParallelizable]
 public sealed class LearningEndToEndTests
 {
     private const int Sites = 1000;
 
+    private static readonly (string Name, (int Target, double Share)[] Weights, int Stride, int Expected)[] Phases =
+    [
+        ("mono A", [(0, 1.0)], 1, 1),
+        ("mono B", [(100, 1.0)], 1, 1),
+        ("90/10", [(10, 0.9), (20, 0.1)], 1, 2),
+        ("uniform 8", [.. Enumerable.Range(0, 8).Select(i => (30 + i, 0.125))], 1, 8),
+        ("megamorphic 256", [.. Enumerable.Range(0, 256).Select(i => (i, 1.0 / 256))], 0, 0),
+        ("mono C", [(200, 1.0)], 1, 1),
+    ];
+
     [Test]
     public void A_thousand_sites_follow_every_phase_with_no_wrong_call()
     {
-        using var engine = new OptpolineEngine(new EngineOptions
-        {
-            Learning = new LearningOptions { Enabled = true, Background = false, RingCapacity = 1 << 18 },
-        });
+        using var engine = NewEngine();
         using var workload = new LearningWorkload(engine, Sites);
-        var phases = new (string Name, (int Target, double Share)[] Weights, int Stride, int Expected)[]
-        {
-            ("mono A", [(0, 1.0)], 1, 1),
-            ("mono B", [(100, 1.0)], 1, 1),
-            ("90/10", [(10, 0.9), (20, 0.1)], 1, 2),
-            ("uniform 8", [.. Enumerable.Range(0, 8).Select(i => (30 + i, 0.125))], 1, 8),
-            ("megamorphic 256", [.. Enumerable.Range(0, 256).Select(i => (i, 1.0 / 256))], 0, 0),
-            ("mono C", [(200, 1.0)], 1, 1),
-        };
-
-        workload.SetPhase(phases[0].Weights, phases[0].Stride);
-        workload.Start(callerThreads: 2);
         try
         {
-            foreach (var (name, weights, stride, expected) in phases)
-            {
-                workload.SetPhase(weights, stride);
-                var epochs = 0;
-                var converged = 0.0;
-                while (epochs < 12)
-                {
-                    Thread.Sleep(100);
-                    var result = engine.LearnEpoch();
-                    Assert.That(result.Applied.Wait(TimeSpan.FromSeconds(10)), Is.True, $"{name}: changes applied");
-                    epochs++;
-                    converged = Converged(workload, weights, stride, expected);
-                    if (converged >= 0.99)
-                    {
-                        break;
-                    }
-                }
+            RunPhases(engine, workload);
+        }
+        finally
+        {
+            workload.Stop();
+        }
 
-                TestContext.Out.WriteLine($"{name}: {converged:P1} of sites converged after {epochs} epochs; lost samples {engine.LostSamples}");
-                Assert.That(converged, Is.GreaterThanOrEqualTo(0.90), $"{name}: sites converged");
-            }
+        TestContext.Out.WriteLine($"{workload.Calls:N0} calls, {workload.WrongCalls} wrong, {engine.PatchStatistics.Patches:N0} patches, {engine.GracePeriods} grace periods, {engine.LostSamples:N0} samples lost");
+        Assert.That(workload.WrongCalls, Is.Zero);
+        Assert.That(engine.AuditCode(), Is.Empty);
+    }
 
-            // Steady: a converged site is never patched again.
-            var last = phases[^1];
+    /// <summary>
+    /// After the last phase has converged, 10 more epochs: no converged site is patched again. (This
+    /// failed about one run in six until the learner let the epoch after a promotion settle: promotions
+    /// land after the next grace period, and the misses before that made sites relearn.)
+    /// </summary>
+    [Test]
+    public void Converged_sites_are_not_patched_again_while_the_workload_is_steady()
+    {
+        using var engine = NewEngine();
+        using var workload = new LearningWorkload(engine, Sites);
+        try
+        {
+            RunPhases(engine, workload);
+            var last = Phases[^1];
             var settled = workload.Sites
                 .Select((site, j) => (site, j))
                 .Where(x => !x.site.IsPending && x.site.Targets.SequenceEqual(new[] { workload.TargetFor(x.j, last.Weights[0].Target, last.Stride) }))
@@ -78,16 +73,53 @@ public sealed class LearningEndToEndTests
             }
 
             Assert.That(settled, Has.Count.GreaterThanOrEqualTo(Sites * 9 / 10));
-            Assert.That(settled.Where(x => x.site.PatchCount != x.PatchCount).Select(x => x.site.Name), Is.Empty, "converged sites cause no patches");
+            Assert.That(
+                settled.Where(x => x.site.PatchCount != x.PatchCount).Select(x => $"{x.site.Name} ({engine.GetLearningState(x.site)})"),
+                Is.Empty,
+                "converged sites cause no patches");
         }
         finally
         {
             workload.Stop();
         }
+    }
 
-        TestContext.Out.WriteLine($"{workload.Calls:N0} calls, {workload.WrongCalls} wrong, {engine.PatchStatistics.Patches:N0} patches, {engine.GracePeriods} grace periods, {engine.LostSamples:N0} samples lost");
-        Assert.That(workload.WrongCalls, Is.Zero);
-        Assert.That(engine.AuditCode(), Is.Empty);
+    private static OptpolineEngine NewEngine() => new(new EngineOptions
+    {
+        Learning = new LearningOptions { Enabled = true, Background = false, RingCapacity = 1 << 18 },
+    });
+
+    private static void RunPhases(OptpolineEngine engine, LearningWorkload workload)
+    {
+        workload.SetPhase(Phases[0].Weights, Phases[0].Stride);
+        workload.Start(callerThreads: 2);
+        foreach (var (name, weights, stride, expected) in Phases)
+        {
+            workload.SetPhase(weights, stride);
+            var epochs = 0;
+            var converged = 0.0;
+            while (epochs < 12)
+            {
+                Thread.Sleep(100);
+                var result = engine.LearnEpoch();
+                Assert.That(result.Applied.Wait(TimeSpan.FromSeconds(10)), Is.True, $"{name}: changes applied");
+                epochs++;
+                converged = Converged(workload, weights, stride, expected);
+                if (converged >= 0.99)
+                {
+                    break;
+                }
+            }
+
+            TestContext.Out.WriteLine(
+                $"{name}: {converged:P1} of sites converged after {epochs} epochs; lost samples {engine.LostSamples}, " +
+                $"grace periods {engine.GracePeriods} ({engine.GracePeriodTimeouts} timed out), failed epochs {engine.LearningFailures}");
+            var stragglers = workload.Sites.Select((site, j) => (site, j)).Where(x => x.site.Targets.Count != expected).Take(3)
+                .Select(x => $"{x.site.Name}: [{string.Join(",", x.site.Targets.Select(t => $"{t:X}"))}] want [{string.Join(",", weights.Take(expected).Select(w => $"{workload.TargetFor(x.j, w.Target, stride):X}"))}], {engine.GetLearningState(x.site)}");
+            Assert.That(converged, Is.GreaterThanOrEqualTo(0.90),
+                $"{name}: sites converged after {epochs} epochs; lost {engine.LostSamples}, timeouts {engine.GracePeriodTimeouts}, " +
+                $"failed epochs {engine.LearningFailures}; {string.Join(" | ", stragglers)}");
+        }
     }
 
     /// <summary>Share of sites whose targets are the phase's hot set (any order for uniform sets).</summary>

@@ -48,6 +48,15 @@ internal sealed unsafe class PatchRuntime
     /// <summary>Serialises batch application across every engine of the process (one trap table at a time).</summary>
     public Lock PatchLock { get; } = new();
 
+    /// <summary>Serialises thread flushes (one descriptor at a time); the fields below are guarded by it.</summary>
+    public Lock FlushLock { get; } = new();
+
+    /// <summary>Generation of the last flush (handlers write it into their acknowledgement slot).</summary>
+    public uint FlushGeneration { get; set; }
+
+    /// <summary>The published flush descriptor, freed once a later flush completes.</summary>
+    public (nint Address, long Bytes) CurrentDescriptor { get; set; }
+
     public int FlushSignal { get; }
 
     public HandlerCode.Entries Entries { get; }
