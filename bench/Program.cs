@@ -6,7 +6,8 @@ namespace Optpoline.Bench;
 /// <summary>
 /// Entry point: BenchmarkDotNet over every benchmark class (e.g. <c>--filter *CallCost*</c>), or
 /// <c>stress [--seconds N] [--threads N] [--sites N] [--patches N] [--window N]</c> for the long
-/// concurrency run outside the unit suite.
+/// concurrency run outside the unit suite, or <c>steady [--seconds N] [--sites N]</c> for the learning
+/// no-thrash check (patches after convergence, with the engine's own learner thread).
 /// </summary>
 public static class Program
 {
@@ -18,17 +19,68 @@ public static class Program
             return Stress(args[1..]);
         }
 
+        if (args.Length > 0 && args[0] == "steady")
+        {
+            return Steady(args[1..]);
+        }
+
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
         return 0;
     }
 
+    /// <summary>
+    /// The no-thrash check of the learning issue: 1000 sites, two caller threads, the engine's own
+    /// learner thread at default settings; once a 90/10 phase has converged, count patches for N seconds.
+    /// </summary>
+    private static int Steady(string[] args)
+    {
+        var seconds = Option(args, "--seconds", 10);
+        var sites = Option(args, "--sites", 1000);
+        using var engine = new OptpolineEngine(new EngineOptions { Learning = new LearningOptions { Enabled = true, RingCapacity = 1 << 18 } });
+        using var workload = new LearningWorkload(engine, sites);
+        workload.SetPhase([(10, 0.9), (20, 0.1)], 1);
+        workload.Start(callerThreads: 2);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var epochs = 0L;
+        engine.EpochCompleted += (_, e) => Interlocked.Exchange(ref epochs, e.Epoch);
+        long lastPatches = -1;
+        var quietSince = clock.Elapsed;
+        while (clock.Elapsed < TimeSpan.FromSeconds(30))
+        {
+            Thread.Sleep(500);
+            var patches = engine.PatchStatistics.Patches;
+            if (patches != lastPatches)
+            {
+                lastPatches = patches;
+                quietSince = clock.Elapsed;
+            }
+            else if (clock.Elapsed - quietSince > TimeSpan.FromSeconds(2))
+            {
+                break;
+            }
+        }
+
+        var converged = clock.Elapsed;
+        var before = engine.PatchStatistics.Patches;
+        var epochsBefore = Interlocked.Read(ref epochs);
+        Thread.Sleep(TimeSpan.FromSeconds(seconds));
+        var after = engine.PatchStatistics.Patches;
+        workload.Stop();
+        var promoted = workload.Sites.Count(s => s.Targets.Count == 2);
+        Console.WriteLine($"steady: {sites} sites, converged after {converged.TotalSeconds:F1} s ({epochsBefore} epochs, {before:N0} patches, {promoted} sites on 2 targets); " +
+                          $"then {seconds} s / {Interlocked.Read(ref epochs) - epochsBefore} epochs: {after - before} patches; {workload.Calls:N0} calls, {workload.WrongCalls} wrong");
+        return after == before && workload.WrongCalls == 0 ? 0 : 1;
+    }
+
+    private static int Option(string[] args, string name, int fallback)
+    {
+        var at = Array.IndexOf(args, name);
+        return at >= 0 && at + 1 < args.Length && int.TryParse(args[at + 1], out var value) ? value : fallback;
+    }
+
     private static int Stress(string[] args)
     {
-        int Option(string name, int fallback)
-        {
-            var at = Array.IndexOf(args, name);
-            return at >= 0 && at + 1 < args.Length && int.TryParse(args[at + 1], out var value) ? value : fallback;
-        }
+        int Option(string name, int fallback) => Program.Option(args, name, fallback);
 
         var seconds = Option("--seconds", 60);
         var threads = Option("--threads", 4);

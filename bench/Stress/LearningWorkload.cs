@@ -119,6 +119,14 @@ public sealed unsafe class LearningWorkload : IDisposable
     /// <summary>The target a phase entry names for site <paramref name="site"/>.</summary>
     public ulong TargetFor(int site, int target, int siteStride = 0) => Targets[(target + (site * siteStride)) % Targets.Count];
 
+    /// <summary>Runs the loop on this thread: every site, <paramref name="iterations"/> times; returns the wrong calls.</summary>
+    public long Run(int iterations)
+    {
+        ulong wrong = 0;
+        _loop((ulong)iterations, _tables, &wrong);
+        return (long)wrong;
+    }
+
     public void Start(int callerThreads)
     {
         for (var i = 0; i < callerThreads; i++)

@@ -359,6 +359,13 @@ internal sealed class SiteScheduler : IDisposable
             return true;
         });
 
+        if (_engine.PatchingSuspended)
+        {
+            // No patch at all while suspended: the waiting promotions are applied after a flush once
+            // patching resumes (the worker keeps flushing while they wait).
+            return;
+        }
+
         var plan = new Plan();
         foreach (var site in _pending)
         {
