@@ -187,7 +187,7 @@ public sealed class Learner
             if (total < 8 * _options.MinSamples)
             {
                 // Worth promoting, but the coldest chosen target is not yet known well enough: wait.
-                // (At 128 samples a real 1-in-8 target falls below 6 with probability ~1e-4.)
+                // (At the defaults, 128 samples: a real 1-in-8 target falls below 6 with probability ~1e-4.)
                 return;
             }
 

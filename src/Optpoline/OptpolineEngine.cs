@@ -22,7 +22,7 @@ namespace Optpoline;
 /// site.Emit(asm);                   // instead of call rax
 /// asm.ret();
 /// var code = engine.Assemble(asm);  // placed in engine memory, site bound
-/// site.Promote([hotTarget]);        // while no thread runs the code, in this version
+/// site.Promote([hotTarget]);        // safe while other threads run the code
 /// </code>
 /// </example>
 public sealed class OptpolineEngine : IDisposable
