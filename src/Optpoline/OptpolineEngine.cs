@@ -5,6 +5,7 @@ using Optpoline.Learning;
 using Optpoline.Platform;
 using Optpoline.Memory;
 using Optpoline.Patcher;
+using Optpoline.Patcher.Tracing;
 using Optpoline.Sites;
 
 namespace Optpoline;
@@ -318,6 +319,7 @@ public sealed class OptpolineEngine : IDisposable
     /// </summary>
     public void Dispose()
     {
+        StopPerfTrace();
         _stopLearning.Set();
         _learnThread?.Join();
         Scheduler.Dispose();
@@ -417,6 +419,36 @@ public sealed class OptpolineEngine : IDisposable
 
         EpochCompleted?.Invoke(this, result);
         return result;
+    }
+
+    /// <summary>
+    /// Starts recording every change to code into a perf.data file at <paramref name="path"/>
+    /// (PERF_RECORD_TEXT_POKE with old and new bytes, CLOCK_MONOTONIC time), after a COMM record for the
+    /// process and an MMAP2 record for each code region: <c>perf script --show-text-poke-events -i FILE</c>
+    /// lists them. Replaces a trace already running.
+    /// </summary>
+    /// <exception cref="IOException">The file cannot be created.</exception>
+    public void StartPerfTrace(string path)
+    {
+        var writer = new PerfDataWriter(path);
+        var now = PerfDataWriter.Now();
+        writer.Comm(Path.GetFileName(Environment.ProcessPath) ?? "dotnet", Environment.ProcessId, now);
+        foreach (var (start, size) in Code.Regions)
+        {
+            writer.Mmap2(start, size, "/memfd:optpoline-code (deleted)", now);
+        }
+
+        var previous = Scheduler.Patcher.Trace;
+        Scheduler.Patcher.Trace = writer;
+        previous?.Dispose();
+    }
+
+    /// <summary>Stops the perf.data trace, if one runs, and closes its file.</summary>
+    public void StopPerfTrace()
+    {
+        var writer = Scheduler.Patcher.Trace;
+        Scheduler.Patcher.Trace = null;
+        writer?.Dispose();
     }
 
     /// <summary>The learning state of a site, or null when the engine does not learn.</summary>

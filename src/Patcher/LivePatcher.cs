@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using Optpoline.Patcher.Native;
 using Optpoline.Patcher.Platform;
+using Optpoline.Patcher.Tracing;
 
 namespace Optpoline.Patcher;
 
@@ -72,6 +73,14 @@ public sealed unsafe class LivePatcher
     public Action<IReadOnlyList<CodePatch>>? BeforeVisible { get; set; }
 
     /// <summary>
+    /// Where every applied patch is recorded as a PERF_RECORD_TEXT_POKE (null: not recorded). The
+    /// record is written after the tails and before the first bytes are restored, as the kernel does:
+    /// from then on the change can be visible to other threads, and a decoder that sees an int3 at the
+    /// record's address between its time and the next core sync knows the old or the new bytes apply.
+    /// </summary>
+    public PerfDataWriter? Trace { get; set; }
+
+    /// <summary>
     /// Applies a batch to live code with the INT3 protocol. The whole batch is validated first
     /// (expected bytes, overlaps); patches that change nothing are skipped.
     /// </summary>
@@ -116,6 +125,7 @@ public sealed unsafe class LivePatcher
                 }
 
                 CoreSync();
+                Record(effective);
                 BeforeVisible?.Invoke(effective);
 
                 // Third step: the first bytes, highest address first, so that within a slot the call is
@@ -229,6 +239,21 @@ public sealed unsafe class LivePatcher
             }
 
             return completed;
+        }
+    }
+
+    private void Record(IReadOnlyList<CodePatch> effective)
+    {
+        if (Trace is not { } trace)
+        {
+            return;
+        }
+
+        var time = PerfDataWriter.Now();
+        var tid = PatcherOs.Gettid();
+        foreach (var patch in effective)
+        {
+            trace.TextPoke(patch.Address, patch.Expected.Span, patch.Replacement.Span, time, tid);
         }
     }
 

@@ -74,6 +74,18 @@ public sealed class CodeMemory : ICodeView, IDisposable
         }
     }
 
+    /// <summary>The executable view of every region: (start, reserved bytes).</summary>
+    public IReadOnlyList<(ulong Start, ulong Size)> Regions
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return [.. _regions.Select(r => (r.Reservation.RxBase, r.Reservation.Size))];
+            }
+        }
+    }
+
     /// <summary>Allocates a block of at least <paramref name="size"/> bytes, filled with int3 (0xCC).</summary>
     /// <param name="size">Bytes wanted; rounded up to 16.</param>
     /// <param name="alignment">A power of two up to the page size; blocks are always 16-aligned.</param>

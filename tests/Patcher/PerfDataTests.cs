@@ -1,0 +1,93 @@
+using System.Diagnostics;
+using Optpoline.Patcher.Tracing;
+
+namespace Optpoline.Tests.Patcher;
+
+/// <summary>The perf.data that the patcher writes is read by the real perf.</summary>
+[NonParallelizable]
+public sealed class PerfDataTests
+{
+    [Test]
+    public void Perf_script_lists_every_text_poke_with_its_address_and_bytes()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"optpoline-{Environment.ProcessId}-{Guid.NewGuid():N}.data");
+        try
+        {
+            using (var writer = new PerfDataWriter(path))
+            {
+                var now = PerfDataWriter.Now();
+                writer.Comm("optpoline-test", Environment.CurrentManagedThreadId, now);
+                writer.Mmap2(0x5555_0000_0000, 1 << 20, "//anon", now);
+                writer.TextPoke(0x5555_0000_1000, [0xE9, 1, 2, 3, 4], [0xCC, 1, 2, 3, 4], now + 1, 42);
+                writer.TextPoke(0x5555_0000_2010, [0x49, 0xBB, 0, 0, 0, 0, 0, 0, 0, 0], [0x49, 0xBB, 1, 2, 3, 4, 5, 6, 7, 8], now + 2, 42);
+                Assert.That(writer.Records, Is.EqualTo(4));
+            }
+
+            var output = Run("perf", $"script -i {path} --show-text-poke-events");
+            TestContext.Out.WriteLine(output);
+            Assert.That(output, Does.Contain("PERF_RECORD_TEXT_POKE 555500001000"));
+            Assert.That(output, Does.Contain("Old bytes: e9 01 02 03 04").And.Contain("New bytes: cc 01 02 03 04"));
+            Assert.That(output, Does.Contain("PERF_RECORD_TEXT_POKE 555500002010"));
+            Assert.That(output, Does.Contain("New bytes: 49 bb 01 02 03 04 05 06 07 08"));
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+
+    [Test]
+    public void An_engine_trace_records_every_patch_it_applies()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"optpoline-{Environment.ProcessId}-{Guid.NewGuid():N}.data");
+        try
+        {
+            using var engine = new OptpolineEngine();
+            var targets = Support.ChecksumCode.EmitTargets(engine, 4);
+            var site = engine.CreateInlineSite(Iced.Intel.Register.RAX, 1);
+            Support.ChecksumCode.EmitDriver(engine, Iced.Intel.Register.RAX, site);
+            engine.StartPerfTrace(path);
+            var before = engine.PatchStatistics.Patches;
+            site.Promote(targets[..3]);
+            site.Promote([targets[3]]);
+            site.Reset();
+            var patches = engine.PatchStatistics.Patches - before;
+            engine.StopPerfTrace();
+
+            var output = Run("perf", $"script -i {path} --show-text-poke-events");
+            var pokes = output.Split('\n').Count(l => l.Contains("PERF_RECORD_TEXT_POKE", StringComparison.Ordinal));
+            Assert.That(pokes, Is.EqualTo(patches), output);
+            Assert.That(output, Does.Contain($"PERF_RECORD_TEXT_POKE {site.Address:x}"));
+            Assert.That(patches, Is.GreaterThanOrEqualTo(5));
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+
+    [SetUp]
+    public void RequirePerf()
+    {
+        if (Run("sh", "-c \"command -v perf\"").Trim().Length > 0)
+        {
+            return;
+        }
+
+        const string Hint = "perf is not installed: run scripts/install-prerequisites.sh (Debian's linux-perf).";
+        if (Environment.GetEnvironmentVariable("CI") == "true")
+        {
+            Assert.Fail(Hint);
+        }
+
+        Assert.Ignore(Hint);
+    }
+
+    private static string Run(string file, string arguments)
+    {
+        using var process = Process.Start(new ProcessStartInfo(file, arguments) { RedirectStandardOutput = true, RedirectStandardError = true })!;
+        var output = process.StandardOutput.ReadToEnd() + process.StandardError.ReadToEnd();
+        process.WaitForExit();
+        return output;
+    }
+}
