@@ -67,6 +67,10 @@ public sealed class LearnerPolicyTests
 
     [TestCase("mono", "90/10")]
     [TestCase("90/10", "uniform3")]
+    [TestCase("uniform3", "uniform8")]
+    [TestCase("uniform8", "mega")]
+    [TestCase("mega", "uniform8")]
+    [TestCase("uniform8", "mono")]
     [TestCase("uniform3", "mono")]
     [TestCase("mono", "mega")]
     [TestCase("mega", "mono")]
@@ -78,11 +82,13 @@ public sealed class LearnerPolicyTests
             ["mono"] = Mono(0x1000),
             ["90/10"] = Mix((0x2000, 900), (0x3000, 100)),
             ["uniform3"] = Mix((0x4000, 333), (0x5000, 333), (0x6000, 334)),
+            ["uniform8"] = Mix([.. Enumerable.Range(1, 8).Select(i => ((ulong)(0x70 + i) << 12, 125))]),
             ["mega"] = Mix([.. Enumerable.Range(1, 256).Select(i => ((ulong)i << 20, 4))]),
         };
         var expected = new Dictionary<string, ulong[]>
         {
             ["mono"] = [0x1000], ["90/10"] = [0x2000, 0x3000], ["uniform3"] = [0x6000, 0x4000, 0x5000], ["mega"] = [],
+            ["uniform8"] = [.. Enumerable.Range(1, 8).Select(i => (ulong)(0x70 + i) << 12)],
         };
 
         ulong[] promoted = [];
