@@ -40,6 +40,8 @@ public sealed class OptpolineEngine : IDisposable
     private readonly List<Site> _sitesById = [];
     private readonly Thread? _learnThread;
     private readonly ManualResetEventSlim _stopLearning = new();
+    private readonly Dictionary<ulong, (CodeBlock Block, string Name)> _published = [];
+    private JitDumpWriter? _jitDump;
     private int _siteCounter;
     private long _learnFailures;
     private volatile bool _patchingSuspended;
@@ -73,10 +75,13 @@ public sealed class OptpolineEngine : IDisposable
         }
 
         Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
+        patcher.AfterApply = Republish;
+        Publish(_thunks.Block, "optpoline_thunks");
         if (Options.Learning.Enabled)
         {
             _samples = new SampleBuffer(Options.Learning.SamplePeriod, Options.Learning.RingCapacity);
             _learningStubs = new LearningStubs(Code, _samples, register => GetFallback(register), LinuxOs.RseqCpuIdOffset());
+            Publish(_learningStubs.Block, "optpoline_learning_stubs");
             _learner = new Learner(Options.Learning.Policy);
             if (Options.Learning.Background)
             {
@@ -178,9 +183,12 @@ public sealed class OptpolineEngine : IDisposable
     /// <paramref name="assembler"/>. Branches keep Iced's usual fixing for the host's own code; the
     /// sites' bytes are checked after assembly.
     /// </summary>
+    /// <param name="assembler">The host code, with any sites emitted into it.</param>
+    /// <param name="alignment">Alignment of the block.</param>
+    /// <param name="name">The block's name in profiles (jitdump); null: <c>code_ADDRESS</c>.</param>
     /// <exception cref="InvalidOperationException">Assembly failed, or a site's bytes were rewritten.</exception>
     /// <exception cref="CodeMemoryExhaustedException">No code memory within reach.</exception>
-    public CodeBlock Assemble(Assembler assembler, int alignment = 16)
+    public CodeBlock Assemble(Assembler assembler, int alignment = 16, string? name = null)
     {
         ArgumentNullException.ThrowIfNull(assembler);
         // Measure at the anchor (in reach of everything the code names), then place at the real address;
@@ -237,6 +245,7 @@ public sealed class OptpolineEngine : IDisposable
                 throw;
             }
 
+            Publish(block, name ?? $"code_{block.Address:x}");
             return block;
         }
     }
@@ -320,6 +329,7 @@ public sealed class OptpolineEngine : IDisposable
     public void Dispose()
     {
         StopPerfTrace();
+        StopJitDump();
         _stopLearning.Set();
         _learnThread?.Join();
         Scheduler.Dispose();
@@ -442,6 +452,95 @@ public sealed class OptpolineEngine : IDisposable
         Scheduler.Patcher.Trace = writer;
         previous?.Dispose();
     }
+
+    /// <summary>
+    /// Starts writing <c>jit-PID.dump</c> into <paramref name="directory"/> for <c>perf inject --jit</c>:
+    /// a JIT_CODE_LOAD for every code block now (host code, thunks, stubs, chains), for each block
+    /// published later, and again with a fresh code_index for every block a patch batch changes, so that
+    /// samples are attributed to the code as it was. Record with <c>perf record -k mono</c>.
+    /// </summary>
+    /// <exception cref="IOException">The file cannot be created or mapped.</exception>
+    public void StartJitDump(string directory)
+    {
+        var writer = new JitDumpWriter(directory);
+        lock (_published)
+        {
+            _jitDump?.Dispose();
+            _jitDump = writer;
+            foreach (var (block, name) in _published.Values)
+            {
+                Load(writer, block, name);
+            }
+        }
+    }
+
+    /// <summary>JIT_CODE_LOAD records written by the running jitdump (the next one gets this code_index).</summary>
+    internal ulong JitDumpLoads
+    {
+        get
+        {
+            lock (_published)
+            {
+                return _jitDump?.Loads ?? 0;
+            }
+        }
+    }
+
+    /// <summary>Stops the jitdump, if one runs, and closes its file.</summary>
+    public void StopJitDump()
+    {
+        lock (_published)
+        {
+            _jitDump?.Dispose();
+            _jitDump = null;
+        }
+    }
+
+    /// <summary>A block of code exists now under <paramref name="name"/> (for profiles).</summary>
+    internal void Publish(CodeBlock block, string name)
+    {
+        lock (_published)
+        {
+            _published[block.Address] = (block, name);
+            if (_jitDump is { } writer)
+            {
+                Load(writer, block, name);
+            }
+        }
+    }
+
+    /// <summary>A published block is about to be freed.</summary>
+    internal void Unpublish(CodeBlock block)
+    {
+        lock (_published)
+        {
+            _published.Remove(block.Address);
+        }
+    }
+
+    /// <summary>After a batch: every changed block is loaded again, as it is now.</summary>
+    private void Republish(IReadOnlyList<CodePatch> patches)
+    {
+        lock (_published)
+        {
+            if (_jitDump is not { } writer)
+            {
+                return;
+            }
+
+            var done = new HashSet<ulong>();
+            foreach (var patch in patches)
+            {
+                if (Code.TryFindBlockStart(patch.Address, out var start) && done.Add(start) && _published.TryGetValue(start, out var entry))
+                {
+                    Load(writer, entry.Block, entry.Name);
+                }
+            }
+        }
+    }
+
+    private static void Load(JitDumpWriter writer, CodeBlock block, string name) =>
+        writer.CodeLoad(block.Address, block.GetExecutableSpan(), name, Environment.CurrentManagedThreadId);
 
     /// <summary>Stops the perf.data trace, if one runs, and closes its file.</summary>
     public void StopPerfTrace()

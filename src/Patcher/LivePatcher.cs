@@ -72,6 +72,9 @@ public sealed unsafe class LivePatcher
     /// </summary>
     public Action<IReadOnlyList<CodePatch>>? BeforeVisible { get; set; }
 
+    /// <summary>Called after a batch is complete (every patch visible), with the patches written.</summary>
+    public Action<IReadOnlyList<CodePatch>>? AfterApply { get; set; }
+
     /// <summary>
     /// Where every applied patch is recorded as a PERF_RECORD_TEXT_POKE (null: not recorded). The
     /// record is written after the tails and before the first bytes are restored, as the kernel does:
@@ -150,6 +153,7 @@ public sealed unsafe class LivePatcher
 
             Interlocked.Increment(ref _batches);
             Interlocked.Add(ref _patches, effective.Count);
+            AfterApply?.Invoke(effective);
             return effective.Count;
         }
     }

@@ -66,6 +66,81 @@ public sealed class PerfDataTests
         }
     }
 
+    [Test]
+    public void Perf_inject_names_the_samples_in_engine_code_including_after_repatching()
+    {
+        var directory = Path.Combine(Path.GetTempPath(), $"optpoline-jit-{Environment.ProcessId}-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(directory);
+        var data = Path.Combine(directory, "perf.data");
+        var injected = Path.Combine(directory, "perf.jit.data");
+        try
+        {
+            using var engine = new OptpolineEngine();
+            using var workload = new Optpoline.Stress.LearningWorkload(engine, siteCount: 64);
+            workload.SetPhase([(0, 0.5), (1, 0.5)], 1);
+            engine.PromoteAsync([.. workload.Sites.Select((site, j) => new Optpoline.Sites.SiteUpdate(site, [workload.TargetFor(j, 0, 1)]))]).Wait();
+            engine.StartJitDump(directory);
+
+            using var perf = Process.Start(new ProcessStartInfo("perf", $"record -q -e cpu-clock -k mono -p {Environment.ProcessId} -o {data}") { RedirectStandardError = true })!;
+            Thread.Sleep(700);
+            var clock = Stopwatch.StartNew();
+            var repatched = false;
+            var firstIndexAfterRepatch = ulong.MaxValue;
+            while (clock.Elapsed < TimeSpan.FromSeconds(1.5))
+            {
+                Assert.That(workload.Run(64), Is.Zero);
+                if (!repatched && clock.Elapsed > TimeSpan.FromSeconds(0.7))
+                {
+                    // Repatch every site: the learned samples after this point belong to the new bytes.
+                    firstIndexAfterRepatch = engine.JitDumpLoads;
+                    engine.PromoteAsync([.. workload.Sites.Select((site, j) => new Optpoline.Sites.SiteUpdate(site, [workload.TargetFor(j, 1, 1), workload.TargetFor(j, 0, 1)]))]).Wait();
+                    repatched = true;
+                }
+            }
+
+            Run("kill", $"-INT {perf.Id}");
+            Assert.That(perf.WaitForExit(TimeSpan.FromSeconds(30)), Is.True, "perf record stopped");
+            engine.StopJitDump();
+            TestContext.Out.WriteLine(Run("perf", $"inject --jit -i {data} -o {injected}"));
+            var report = Run("perf", $"report -i {injected} --stdio --sort dso --percent-limit 0");
+            TestContext.Out.WriteLine(report);
+
+            // Share of samples in engine code: jitted-PID-N.so (named) against the memfd (anonymous).
+            double named = 0, unnamed = 0, afterRepatch = 0;
+            foreach (var line in report.Split('\n'))
+            {
+                var parts = line.Trim().Split(' ', StringSplitOptions.RemoveEmptyEntries);
+                if (parts.Length < 2 || !parts[0].EndsWith('%'))
+                {
+                    continue;
+                }
+
+                var share = double.Parse(parts[0].TrimEnd('%'), System.Globalization.CultureInfo.InvariantCulture);
+                if (line.Contains("jitted-", StringComparison.Ordinal))
+                {
+                    named += share;
+                    var index = ulong.Parse(parts[1].Split('-')[2].Split('.')[0], System.Globalization.CultureInfo.InvariantCulture);
+                    if (index >= firstIndexAfterRepatch)
+                    {
+                        afterRepatch += share;
+                    }
+                }
+                else if (line.Contains("memfd:optpoline", StringComparison.Ordinal))
+                {
+                    unnamed += share;
+                }
+            }
+
+            Assert.That(named + unnamed, Is.GreaterThan(5), "the workload's samples fell in engine code");
+            Assert.That(named / (named + unnamed), Is.GreaterThanOrEqualTo(0.9), "samples in engine code land on named blocks");
+            Assert.That(afterRepatch, Is.GreaterThan(5), "samples after the repatch land on the blocks loaded again then (fresh code_index)");
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
     [SetUp]
     public void RequirePerf()
     {

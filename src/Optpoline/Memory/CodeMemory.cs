@@ -221,6 +221,23 @@ public sealed class CodeMemory : ICodeView, IDisposable
         }
     }
 
+    /// <summary>The start of the live block containing <paramref name="address"/>, if any.</summary>
+    internal bool TryFindBlockStart(ulong address, out ulong start)
+    {
+        lock (_lock)
+        {
+            var region = FindRegion(address, 1);
+            if (region is not null && region.Allocator.TryFindBlock(address - region.Reservation.RxBase, 1, out var offset, out _))
+            {
+                start = region.Reservation.RxBase + offset;
+                return true;
+            }
+
+            start = 0;
+            return false;
+        }
+    }
+
     /// <inheritdoc/>
     public unsafe void Read(ulong address, Span<byte> destination)
     {

@@ -65,6 +65,7 @@ public sealed class InlineSite : Site
         _doneJumps.Add(lastMiss + X64.Rel32Length);
         X64.Encode(at, code).CopyTo(_stub.GetWritableSpan());
         _pendingLink = new Link(lastMiss, X64.CallRel32, Tail);
+        engine.Publish(_stub, $"{name}_miss");
     }
 
     /// <inheritdoc/>

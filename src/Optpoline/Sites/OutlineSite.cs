@@ -35,6 +35,7 @@ public sealed class OutlineSite : Site
 
         X64.Rel32(X64.JmpRel32, _stub.Address, Tail).CopyTo(code);
         OutLink = new Link(_stub.Address, X64.JmpRel32, Tail);
+        engine.Publish(_stub, $"{name}_entry");
         engine.SiteBound(this, _stub.Address);
     }
 

@@ -110,6 +110,7 @@ internal sealed class SiteScheduler : IDisposable
             {
                 foreach (var chain in created)
                 {
+                    _engine.Unpublish(chain.Block);
                     _engine.Code.Free(chain.Block);
                 }
 
@@ -174,8 +175,10 @@ internal sealed class SiteScheduler : IDisposable
 
     private OutlineChain CreateChain(Site site, ulong[] outline)
     {
-        var chain = OutlineChain.TryCreate(_engine.Code, site.Register, outline, site.Tail, out var unreachable);
-        return chain ?? throw site.Unreachable(unreachable);
+        var chain = OutlineChain.TryCreate(_engine.Code, site.Register, outline, site.Tail, out var unreachable)
+            ?? throw site.Unreachable(unreachable);
+        _engine.Publish(chain.Block, $"{site.Name}_chain");
+        return chain;
     }
 
     /// <summary>Swaps the rel32 that enters the outline chain; the old chain is retired.</summary>
@@ -355,6 +358,7 @@ internal sealed class SiteScheduler : IDisposable
                 return false;
             }
 
+            _engine.Unpublish(retired.Chain.Block);
             _engine.Code.Free(retired.Chain.Block);
             return true;
         });

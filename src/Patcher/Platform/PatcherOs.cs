@@ -54,6 +54,9 @@ internal static unsafe partial class PatcherOs
     [LibraryImport(Libc, EntryPoint = "mmap", SetLastError = true)]
     public static partial nint Mmap(nint address, nuint length, int protection, int flags, int fd, long offset);
 
+    [LibraryImport(Libc, EntryPoint = "munmap", SetLastError = true)]
+    public static partial int Munmap(nint address, nuint length);
+
     [LibraryImport(Libc, EntryPoint = "mprotect", SetLastError = true)]
     public static partial int Mprotect(nint address, nuint length, int protection);
 

@@ -1,0 +1,110 @@
+using System.Buffers.Binary;
+using System.Text;
+using Optpoline.Patcher.Platform;
+
+namespace Optpoline.Patcher.Tracing;
+
+/// <summary>
+/// Writes <c>jit-&lt;pid&gt;.dump</c> (tools/perf/Documentation/jitdump-specification.txt) so that
+/// <c>perf inject --jit</c> can give samples in generated code the names of their code blocks. Every
+/// block gets a JIT_CODE_LOAD when it is published and again, with a fresh <c>code_index</c>, each
+/// time it is patched, so that samples are attributed to the code as it was at their time. The file's
+/// first page is mapped PROT_READ|PROT_EXEC, which is how <c>perf record</c> learns where the dump is.
+/// Thread safe.
+/// </summary>
+public sealed class JitDumpWriter : IDisposable
+{
+    private const uint Magic = 0x4A695444;
+    private const uint RecordCodeLoad = 0;
+    private const uint RecordCodeClose = 3;
+    private const int HeaderSize = 40;
+
+    private readonly FileStream _file;
+    private readonly nint _marker;
+    private readonly Lock _lock = new();
+    private readonly int _pid = Environment.ProcessId;
+    private ulong _codeIndex;
+    private bool _disposed;
+
+    /// <summary>Creates <c>jit-&lt;pid&gt;.dump</c> in <paramref name="directory"/> and maps its first page executable.</summary>
+    /// <exception cref="IOException">The file cannot be created or mapped.</exception>
+    public JitDumpWriter(string directory)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(directory);
+        Directory.CreateDirectory(directory);
+        Path = System.IO.Path.Combine(directory, $"jit-{_pid}.dump");
+        _file = new FileStream(Path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read);
+        var header = new byte[HeaderSize];
+        BinaryPrimitives.WriteUInt32LittleEndian(header, Magic);
+        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(4), 1);          // version
+        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(8), HeaderSize);
+        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(12), 62);        // EM_X86_64
+        BinaryPrimitives.WriteInt32LittleEndian(header.AsSpan(20), _pid);
+        BinaryPrimitives.WriteUInt64LittleEndian(header.AsSpan(24), PerfDataWriter.Now());
+        _file.Write(header);
+        _file.Flush(flushToDisk: false);
+
+        // The marker mapping: perf record sees an executable mmap of jit-<pid>.dump and perf inject reads it.
+        _marker = PatcherOs.Mmap(0, 4096, PatcherOs.ProtRead | PatcherOs.ProtExec, PatcherOs.MapPrivate, (int)_file.SafeFileHandle.DangerousGetHandle(), 0);
+        if (_marker == PatcherOs.MapFailed)
+        {
+            var errno = PatcherOs.LastErrno;
+            _file.Dispose();
+            throw new IOException($"Mapping {Path} for perf failed: {PatcherOs.Describe(errno)}.");
+        }
+    }
+
+    /// <summary>The dump file.</summary>
+    public string Path { get; }
+
+    /// <summary>JIT_CODE_LOAD records written.</summary>
+    public ulong Loads => Interlocked.Read(ref _codeIndex);
+
+    /// <summary>Records the code of a block as it is now (at its executable address).</summary>
+    public void CodeLoad(ulong address, ReadOnlySpan<byte> code, string name, int tid)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        var text = Encoding.UTF8.GetBytes(name);
+        var size = 16 + 8 + 32 + text.Length + 1 + code.Length;
+        var record = new byte[size];
+        var span = record.AsSpan();
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            BinaryPrimitives.WriteUInt32LittleEndian(span, RecordCodeLoad);
+            BinaryPrimitives.WriteUInt32LittleEndian(span[4..], (uint)size);
+            BinaryPrimitives.WriteUInt64LittleEndian(span[8..], PerfDataWriter.Now());
+            BinaryPrimitives.WriteInt32LittleEndian(span[16..], _pid);
+            BinaryPrimitives.WriteInt32LittleEndian(span[20..], tid);
+            BinaryPrimitives.WriteUInt64LittleEndian(span[24..], address);         // vma
+            BinaryPrimitives.WriteUInt64LittleEndian(span[32..], address);         // code_addr
+            BinaryPrimitives.WriteUInt64LittleEndian(span[40..], (ulong)code.Length);
+            BinaryPrimitives.WriteUInt64LittleEndian(span[48..], _codeIndex++);     // fresh for every load
+            text.CopyTo(span[56..]);
+            code.CopyTo(span[(56 + text.Length + 1)..]);
+            _file.Write(record);
+            _file.Flush(flushToDisk: false);
+        }
+    }
+
+    /// <summary>Writes JIT_CODE_CLOSE and unmaps the marker.</summary>
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            if (_disposed)
+            {
+                return;
+            }
+
+            _disposed = true;
+            var record = new byte[16];
+            BinaryPrimitives.WriteUInt32LittleEndian(record, RecordCodeClose);
+            BinaryPrimitives.WriteUInt32LittleEndian(record.AsSpan(4), 16);
+            BinaryPrimitives.WriteUInt64LittleEndian(record.AsSpan(8), PerfDataWriter.Now());
+            _file.Write(record);
+            _file.Dispose();
+            PatcherOs.Munmap(_marker, 4096);
+        }
+    }
+}
