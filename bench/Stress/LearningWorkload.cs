@@ -1,7 +1,6 @@
 using System.Runtime.InteropServices;
 using Iced.Intel;
 using Optpoline.Sites;
-using static Iced.Intel.AssemblerRegisters;
 
 namespace Optpoline.Stress;
 
@@ -27,45 +26,13 @@ public sealed unsafe class LearningWorkload : IDisposable
         ArgumentNullException.ThrowIfNull(engine);
         Targets = [.. Enumerable.Range(0, targetCount).Select(_ => CheckingTarget.Emit(engine, Register.RAX))];
         _tables = (ulong*)NativeMemory.AlignedAlloc((nuint)(siteCount * TableLength * 8), 64);
-        var asm = new Assembler(64);
-        var top = asm.CreateLabel();
-        foreach (var saved in new[] { rbx, r12, r13, r14, r15 })
-        {
-            asm.push(saved);
-        }
-
-        asm.mov(__qword_ptr[rsp - 8], rdx);
-        asm.sub(rsp, 16);
-        asm.mov(r12, rsi);
-        asm.mov(r13, rdi);
-        asm.xor(r14d, r14d);
-        asm.xor(r15d, r15d);
-        asm.Label(ref top);
-        asm.mov(rbx, r14);
-        asm.and(ebx, TableLength - 1);
         var sites = new List<InlineSite>(siteCount);
-        for (var j = 0; j < siteCount; j++)
+        _loop = SiteLoop.Emit(engine, siteCount, TableLength, _ => Register.RAX, (asm, j) =>
         {
-            asm.mov(rax, __qword_ptr[r12 + (rbx * 8) + (j * TableLength * 8)]);
             var site = engine.CreateInlineSite(Register.RAX, 2, $"learn{j}");
             site.Emit(asm);
             sites.Add(site);
-            asm.add(r15, rax);
-        }
-
-        asm.inc(r14);
-        asm.cmp(r14, r13);
-        asm.jb(top);
-        asm.add(rsp, 16);
-        asm.mov(rax, __qword_ptr[rsp - 8]);
-        asm.mov(__qword_ptr[rax], r15);
-        foreach (var saved in new[] { r15, r14, r13, r12, rbx })
-        {
-            asm.pop(saved);
-        }
-
-        asm.ret();
-        _loop = (delegate* unmanaged<ulong, ulong*, ulong*, void>)engine.Assemble(asm).Address;
+        });
         Sites = sites;
     }
 

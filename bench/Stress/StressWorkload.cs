@@ -2,7 +2,6 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using Iced.Intel;
 using Optpoline.Sites;
-using static Iced.Intel.AssemblerRegisters;
 
 namespace Optpoline.Stress;
 
@@ -40,64 +39,33 @@ public sealed unsafe class StressWorkload : IDisposable
         var random = new Random(seed);
         _tables = (ulong*)NativeMemory.AlignedAlloc((nuint)(siteCount * TableLength * 8), 64);
         _sites = new Site[siteCount];
-        var asm = new Assembler(64);
-        var top = asm.CreateLabel();
-        foreach (var saved in new[] { rbx, rbp, r12, r13, r14, r15 })
-        {
-            asm.push(saved);
-        }
-
-        asm.sub(rsp, 8);
-        asm.mov(__qword_ptr[rsp], rdx);
-        asm.mov(r12, rsi);
-        asm.mov(r13, rdi);
-        asm.xor(r14d, r14d);
-        asm.xor(r15d, r15d);
-        asm.Label(ref top);
-        asm.mov(rbx, r14);
-        asm.and(ebx, TableLength - 1);
         for (var j = 0; j < siteCount; j++)
         {
-            var register = SiteRegisterCycle[j % SiteRegisterCycle.Length];
-            var targets = _targets[register];
+            var targets = _targets[SiteRegisterCycle[j % SiteRegisterCycle.Length]];
             for (var k = 0; k < TableLength; k++)
             {
                 // Skewed so that slots hit often, chains sometimes, and the fallback too.
                 var pick = Math.Min(targets.Length - 1, (int)(Math.Pow(random.NextDouble(), 2) * targets.Length));
                 _tables[(j * TableLength) + k] = targets[pick];
             }
-
-            asm.mov(new AssemblerRegister64(register), __qword_ptr[r12 + (rbx * 8) + (j * TableLength * 8)]);
-            switch (j % 4)
-            {
-                case 3:
-                    var outline = engine.CreateOutlineSite(register, $"stress{j}");
-                    asm.call(outline.Entry);
-                    _sites[j] = outline;
-                    break;
-                default:
-                    var inline = engine.CreateInlineSite(register, j % 4, $"stress{j}");
-                    inline.Emit(asm);
-                    _sites[j] = inline;
-                    break;
-            }
-
-            asm.add(r15, rax);
         }
 
-        asm.inc(r14);
-        asm.cmp(r14, r13);
-        asm.jb(top);
-        asm.mov(rax, __qword_ptr[rsp]);
-        asm.mov(__qword_ptr[rax], r15);
-        asm.add(rsp, 8);
-        foreach (var saved in new[] { r15, r14, r13, r12, rbp, rbx })
+        _loop = SiteLoop.Emit(engine, siteCount, TableLength, j => SiteRegisterCycle[j % SiteRegisterCycle.Length], (asm, j) =>
         {
-            asm.pop(saved);
-        }
-
-        asm.ret();
-        _loop = (delegate* unmanaged<ulong, ulong*, ulong*, void>)engine.Assemble(asm).Address;
+            var register = SiteRegisterCycle[j % SiteRegisterCycle.Length];
+            if (j % 4 == 3)
+            {
+                var outline = engine.CreateOutlineSite(register, $"stress{j}");
+                asm.call(outline.Entry);
+                _sites[j] = outline;
+            }
+            else
+            {
+                var inline = engine.CreateInlineSite(register, j % 4, $"stress{j}");
+                inline.Emit(asm);
+                _sites[j] = inline;
+            }
+        });
     }
 
     /// <summary>The sites under test.</summary>
