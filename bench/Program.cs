@@ -24,7 +24,73 @@ public static class Program
             return Steady(args[1..]);
         }
 
+        if (args.Length > 0 && args[0] == "tracecost")
+        {
+            return TraceCostInterleaved(args[1..]);
+        }
+
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
+        return 0;
+    }
+
+    /// <summary>
+    /// What tracing adds to a 1000-site batch, measured interleaved in one process: rounds of untraced,
+    /// traced (text pokes and jitdump), text pokes only and jitdump only, 48 promote+demote pairs each
+    /// after 8 for warm-up; the medians over the rounds, and the engine's own count of the time spent
+    /// recording. Interleaving cancels the drift that separates BenchmarkDotNet's per-method runs.
+    /// </summary>
+    private static int TraceCostInterleaved(string[] args)
+    {
+        var rounds = Option(args, "--rounds", 12);
+        var root = Environment.GetEnvironmentVariable("OPTPOLINE_BENCH_TRACE_DIR") ?? (Directory.Exists("/dev/shm") ? "/dev/shm" : Path.GetTempPath());
+        var directory = Path.Combine(root, $"optpoline-tracecost-{Environment.ProcessId}");
+        using var engine = new OptpolineEngine();
+        var target = LoopKernels.EmitTargets(engine, 1)[0];
+        var sites = SiteBlock.Emit(engine, 1000);
+        List<Optpoline.Sites.SiteUpdate> promote = [.. sites.Select(s => new Optpoline.Sites.SiteUpdate(s, [target]))];
+        List<Optpoline.Sites.SiteUpdate> demote = [.. sites.Select(s => new Optpoline.Sites.SiteUpdate(s, []))];
+        var modes = new[] { "untraced", "both", "text pokes", "jitdump" };
+        var wall = modes.ToDictionary(m => m, _ => new List<double>());
+        var recording = modes.ToDictionary(m => m, _ => new List<double>());
+        for (var round = 0; round < rounds; round++)
+        {
+            foreach (var mode in modes)
+            {
+                if (mode != "untraced")
+                {
+                    engine.StartTracing(new Optpoline.Tracing.TracingOptions { Directory = directory, TextPokes = mode != "jitdump", JitDump = mode != "text pokes" });
+                }
+
+                GC.Collect();
+                for (var i = 0; i < 8; i++)
+                {
+                    engine.PromoteAsync(promote).Wait();
+                    engine.PromoteAsync(demote).Wait();
+                }
+
+                var before = engine.PatchStatistics;
+                var clock = System.Diagnostics.Stopwatch.StartNew();
+                for (var i = 0; i < 48; i++)
+                {
+                    engine.PromoteAsync(promote).Wait();
+                    engine.PromoteAsync(demote).Wait();
+                }
+
+                wall[mode].Add(clock.Elapsed.TotalMicroseconds / 96);
+                recording[mode].Add((engine.PatchStatistics.RecordTime - before.RecordTime).TotalMicroseconds / 96);
+                engine.StopTracing();
+            }
+        }
+
+        static double Median(List<double> values) => values.Order().ElementAt(values.Count / 2);
+        Console.WriteLine($"| recording | batch (median of {rounds} rounds) | vs untraced | recording time per batch |");
+        Console.WriteLine("|---|---:|---:|---:|");
+        foreach (var mode in modes)
+        {
+            Console.WriteLine(FormattableString.Invariant($"| {mode} | {Median(wall[mode]):F0} us | {Median(wall[mode]) / Median(wall["untraced"]):F3}x | {Median(recording[mode]):F0} us |"));
+        }
+
+        Directory.Delete(directory, recursive: true);
         return 0;
     }
 

@@ -22,6 +22,9 @@ public sealed class EngineOptions
     /// <summary>Live patching: the thread-flush signal and timeout.</summary>
     public PatcherOptions Patching { get; init; } = new();
 
+    /// <summary>Tracing from the moment the engine exists (null: off; start it later with <see cref="OptpolineEngine.StartTracing"/>).</summary>
+    public Tracing.TracingOptions? Tracing { get; init; }
+
     /// <summary>
     /// Test-only: <c>pause</c> instructions emitted between a slot's compare and its call, to widen the
     /// window in which a thread can be preempted inside a slot. Production code leaves it at 0.

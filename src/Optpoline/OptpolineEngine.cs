@@ -7,6 +7,8 @@ using Optpoline.Memory;
 using Optpoline.Patcher;
 using Optpoline.Patcher.Tracing;
 using Optpoline.Sites;
+using Optpoline.Tracing;
+using Optpoline.Configuration;
 
 namespace Optpoline;
 
@@ -38,13 +40,18 @@ public sealed class OptpolineEngine : IDisposable
     private readonly Learner? _learner;
     private readonly Dictionary<ulong, Site> _sitesByKey = [];
     private readonly List<Site> _sitesById = [];
-    private readonly Thread? _learnThread;
-    private readonly ManualResetEventSlim _stopLearning = new();
+    private readonly Lock _backgroundLock = new();
+    private Thread? _learnThread;
+    private ManualResetEventSlim? _stopLearning;
+    private TimeSpan _epochInterval;
     private readonly Dictionary<ulong, (CodeBlock Block, string Name)> _published = [];
-    private JitDumpWriter? _jitDump;
+    private TraceSession? _tracing;
     private int _siteCounter;
     private long _learnFailures;
     private volatile bool _patchingSuspended;
+    private volatile PromotionMode _promotion;
+    private volatile SiteFilter _siteFilter = SiteFilter.All;
+    private ConfigBinding? _config;
 
     /// <summary>Creates an engine: reserves code memory near the anchor and emits the fallback thunks.</summary>
     /// <exception cref="ArgumentOutOfRangeException">An option is out of range.</exception>
@@ -77,6 +84,8 @@ public sealed class OptpolineEngine : IDisposable
         Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
         patcher.AfterApply = Republish;
         Publish(_thunks.Block, "optpoline_thunks");
+        _promotion = Options.Learning.Enabled ? PromotionMode.Learn : PromotionMode.Static;
+        _epochInterval = Options.Learning.EpochInterval;
         if (Options.Learning.Enabled)
         {
             _samples = new SampleBuffer(Options.Learning.SamplePeriod, Options.Learning.RingCapacity);
@@ -85,9 +94,97 @@ public sealed class OptpolineEngine : IDisposable
             _learner = new Learner(Options.Learning.Policy);
             if (Options.Learning.Background)
             {
-                _learnThread = new Thread(LearnLoop) { IsBackground = true, Name = "optpoline learner" };
-                _learnThread.Start();
+                BackgroundLearning = true;
             }
+        }
+
+        if (Options.Tracing is { } tracing)
+        {
+            try
+            {
+                StartTracing(tracing);
+            }
+            catch
+            {
+                Dispose();
+                throw;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Creates an engine from a config file: <paramref name="configPath"/>, else the file named by
+    /// <c>OPTPOLINE_CONFIG</c>, else the defaults. The engine watches the file and applies every valid
+    /// change while the host runs (see <see cref="ConfigChanged"/>); an invalid change is reported and
+    /// the last good config stays in force. Such an engine always has sampling stubs, so that
+    /// <c>promotion.mode</c> can become "learn" at any time.
+    /// </summary>
+    /// <exception cref="ConfigException">The file cannot be read or is invalid (PATH:LINE:COLUMN: what).</exception>
+    public static OptpolineEngine FromConfig(string? configPath = null)
+    {
+        var path = ConfigFile.Resolve(configPath);
+        var config = path is null ? new OptpolineConfig() : ConfigFile.Load(path);
+        return Configure(path, config);
+    }
+
+    /// <summary>Creates an engine from a config built in code (no file to watch).</summary>
+    /// <exception cref="ConfigException">The config is invalid.</exception>
+    public static OptpolineEngine FromConfig(OptpolineConfig config)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        return Configure(null, ConfigFile.Parse(ConfigFile.Serialize(config), "config object"));
+    }
+
+    private static OptpolineEngine Configure(string? path, OptpolineConfig config)
+    {
+        var engine = new OptpolineEngine(ConfigBinding.Options(config));
+        try
+        {
+            engine._config = new ConfigBinding(engine, path, new OptpolineConfig());
+            engine._config.Changed += (_, e) => engine.ConfigChanged?.Invoke(engine, e);
+            engine._config.Apply(config);
+            return engine;
+        }
+        catch
+        {
+            engine.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The config in force (null: the engine was created from options, not from a config).</summary>
+    public OptpolineConfig? Config => _config?.Current;
+
+    /// <summary>The config file watched (null: none).</summary>
+    public string? ConfigPath => _config?.Path;
+
+    /// <summary>Why the last reload was rejected (PATH:LINE:COLUMN: what), or null after a good one.</summary>
+    public string? LastConfigError => _config?.LastError;
+
+    /// <summary>Keys of the config in force that could not take effect live (they need a new engine).</summary>
+    public IReadOnlyList<string> ConfigWarnings => _config?.Warnings ?? [];
+
+    /// <summary>Raised after every reload of the config file, applied or rejected (on the thread that reloaded it).</summary>
+    public event EventHandler<ConfigChangedEventArgs>? ConfigChanged;
+
+    /// <summary>Reads the config file again now and applies it (the engine also does so by itself when the file changes).</summary>
+    /// <exception cref="ConfigException">The file is invalid; the last good config stays in force.</exception>
+    /// <exception cref="InvalidOperationException">The engine has no config file.</exception>
+    public void ReloadConfig() => (_config ?? throw new InvalidOperationException("This engine was not created from a config file; use OptpolineEngine.FromConfig.")).Reload();
+
+    /// <summary>Like <see cref="ReloadConfig"/>, but returns false with the reason when the file is invalid.</summary>
+    public bool TryReloadConfig([System.Diagnostics.CodeAnalysis.NotNullWhen(false)] out string? error)
+    {
+        try
+        {
+            ReloadConfig();
+            error = null;
+            return true;
+        }
+        catch (ConfigException e)
+        {
+            error = e.Message;
+            return false;
         }
     }
 
@@ -261,6 +358,7 @@ public sealed class OptpolineEngine : IDisposable
     /// <exception cref="InvalidOperationException">A site is not bound yet.</exception>
     /// <exception cref="TargetOutOfReachException">A target is out of reach; no site was changed.</exception>
     /// <exception cref="CodeMemoryExhaustedException">No memory for an outline chain; no site was changed.</exception>
+    /// <exception cref="PromotionRefusedException">Promotion is off, or a site with targets is excluded by the site filter; no site was changed.</exception>
     public Task PromoteAsync(IReadOnlyList<SiteUpdate> updates)
     {
         ArgumentNullException.ThrowIfNull(updates);
@@ -269,15 +367,200 @@ public sealed class OptpolineEngine : IDisposable
             throw new InvalidOperationException("Patching is suspended (PatchingSuspended = true); no site can change until it is resumed.");
         }
 
+        var filter = _siteFilter;
         foreach (var update in updates)
         {
-            if (update?.Site is { } site && !ReferenceEquals(site.Owner, this))
+            if (update?.Site is not { } site)
+            {
+                continue;
+            }
+
+            if (!ReferenceEquals(site.Owner, this))
             {
                 throw new ArgumentException($"Site '{site.Name}' belongs to another engine.", nameof(updates));
+            }
+
+            if (update.Targets is { Count: > 0 })
+            {
+                if (_promotion == PromotionMode.Off)
+                {
+                    throw new PromotionRefusedException($"Promotion is off (PromotionMode.Off, or promotion.enabled = false in the config); site '{site.Name}' stays on the fallback.");
+                }
+
+                if (!filter.Allows(site.Name, out var reason))
+                {
+                    throw new PromotionRefusedException($"Site '{site.Name}' may not be promoted: {reason}.");
+                }
             }
         }
 
         return Scheduler.Request(updates);
+    }
+
+    /// <summary>
+    /// Whether the engine's own thread ends learning epochs (every <see cref="EpochInterval"/>); false:
+    /// the host calls <see cref="LearnEpoch"/>. Can change while the host runs.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">Set to true on an engine that does not learn.</exception>
+    public bool BackgroundLearning
+    {
+        get
+        {
+            lock (_backgroundLock)
+            {
+                return _learnThread is not null;
+            }
+        }
+
+        set
+        {
+            lock (_backgroundLock)
+            {
+                if (value && _learnThread is null)
+                {
+                    if (_learner is null)
+                    {
+                        throw new InvalidOperationException("This engine does not learn: create it with EngineOptions.Learning.Enabled = true.");
+                    }
+
+                    var stop = new ManualResetEventSlim();
+                    _stopLearning = stop;
+                    _learnThread = new Thread(() => LearnLoop(stop)) { IsBackground = true, Name = "optpoline learner" };
+                    _learnThread.Start();
+                }
+                else if (!value && _learnThread is not null)
+                {
+                    _stopLearning!.Set();
+                    if (_learnThread != Thread.CurrentThread)
+                    {
+                        _learnThread.Join();
+                    }
+
+                    _stopLearning.Dispose();
+                    _learnThread = null;
+                    _stopLearning = null;
+                }
+            }
+        }
+    }
+
+    /// <summary>The background learner's epoch; can change while the host runs.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">Not between 1 ms and 1 minute.</exception>
+    public TimeSpan EpochInterval
+    {
+        get => _epochInterval;
+        set
+        {
+            if (value < TimeSpan.FromMilliseconds(1) || value > TimeSpan.FromMinutes(1))
+            {
+                throw new ArgumentOutOfRangeException(nameof(value), value, "The epoch interval is between 1 ms and 1 minute.");
+            }
+
+            _epochInterval = value;
+        }
+    }
+
+    /// <summary>One sample per this many fallback calls per CPU (0 when the engine does not learn); can change while the host runs.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">Below 1 or above 65536.</exception>
+    /// <exception cref="InvalidOperationException">Set on an engine that does not learn.</exception>
+    public int SamplePeriod
+    {
+        get => _samples?.SamplePeriod ?? 0;
+        set
+        {
+            if (value is < 1 or > 65536)
+            {
+                throw new ArgumentOutOfRangeException(nameof(value), value, "The sample period is between 1 and 65536.");
+            }
+
+            (_samples ?? throw new InvalidOperationException("This engine does not learn: create it with EngineOptions.Learning.Enabled = true.")).SamplePeriod = value;
+        }
+    }
+
+    /// <summary>Who promotes targets into sites now (<see cref="SetPromotionAsync"/> changes it). Learn for an engine that learns, else Static.</summary>
+    public PromotionMode Promotion => _promotion;
+
+    /// <summary>Which sites may be promoted now (<see cref="SetSiteFilterAsync"/> changes it).</summary>
+    public SiteFilter SiteFilter => _siteFilter;
+
+    /// <summary>
+    /// Changes who promotes, while the host runs. Off demotes every site to the fallback (one batch)
+    /// and refuses promotions until it changes; Static leaves the sites as they are and stops the
+    /// learner's changes; Learn lets the learner work again, starting every site afresh. The task
+    /// completes when the sites are in their new state.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">Learn on an engine created without learning, or patching is suspended while sites must be demoted.</exception>
+    public Task SetPromotionAsync(PromotionMode mode)
+    {
+        if (!Enum.IsDefined(mode))
+        {
+            throw new ArgumentOutOfRangeException(nameof(mode), mode, "Unknown PromotionMode.");
+        }
+
+        if (mode == PromotionMode.Learn && _learner is null)
+        {
+            throw new InvalidOperationException("PromotionMode.Learn needs an engine that learns: create it with EngineOptions.Learning.Enabled = true.");
+        }
+
+        lock (_learnLock)
+        {
+            var previous = _promotion;
+            _promotion = mode;
+            if (mode == PromotionMode.Learn && previous != PromotionMode.Learn)
+            {
+                // Samples taken while the learner could not act describe the past: drop them, start afresh.
+                _samples?.Drain(static (_, _) => { });
+                RelearnAll();
+            }
+        }
+
+        return mode == PromotionMode.Off ? DemoteWhere(_ => true) : Task.CompletedTask;
+    }
+
+    /// <summary>
+    /// Changes which sites may be promoted, while the host runs: sites no longer allowed are demoted
+    /// to the fallback (one batch) and the learner leaves them alone; sites allowed again are learned
+    /// afresh.
+    /// </summary>
+    public Task SetSiteFilterAsync(SiteFilter filter)
+    {
+        ArgumentNullException.ThrowIfNull(filter);
+        lock (_learnLock)
+        {
+            _siteFilter = filter;
+            RelearnAll();
+        }
+
+        return DemoteWhere(site => !filter.Allows(site.Name, out _));
+    }
+
+    private Task DemoteWhere(Func<Site, bool> predicate)
+    {
+        var demote = Sites.Where(s => s.IsBound && s.Targets.Count > 0 && predicate(s)).Select(s => new SiteUpdate(s, [])).ToList();
+        if (demote.Count == 0)
+        {
+            return Task.CompletedTask;
+        }
+
+        if (_patchingSuspended)
+        {
+            throw new InvalidOperationException($"Patching is suspended; {demote.Count} sites cannot be demoted until it is resumed.");
+        }
+
+        return Scheduler.Request(demote);
+    }
+
+    private void RelearnAll()
+    {
+        if (_learner is null)
+        {
+            return;
+        }
+
+        foreach (var site in _sitesById)
+        {
+            _learner.Relearn(site.LearningId);
+        }
     }
 
     /// <summary>
@@ -328,14 +611,12 @@ public sealed class OptpolineEngine : IDisposable
     /// </summary>
     public void Dispose()
     {
-        StopPerfTrace();
-        StopJitDump();
-        _stopLearning.Set();
-        _learnThread?.Join();
+        StopTracing();
+        _config?.Dispose();
+        BackgroundLearning = false;
         Scheduler.Dispose();
         Code.Dispose();
         _samples?.Dispose();
-        _stopLearning.Dispose();
     }
 
     /// <summary>
@@ -369,12 +650,18 @@ public sealed class OptpolineEngine : IDisposable
                 }
             });
 
-            _learner.Suspended = _patchingSuspended;
+            _learner.Suspended = _patchingSuspended || _promotion != PromotionMode.Learn;
             var decisions = _learner.EndEpoch();
             var updates = new List<SiteUpdate>(decisions.Count);
+            var filter = _siteFilter;
             foreach (var decision in decisions)
             {
                 var site = _sitesById[decision.Site];
+                if (decision.Targets.Count > 0 && !filter.Allows(site.Name, out _))
+                {
+                    continue;   // excluded: stays on the fallback
+                }
+
                 var reachable = new List<ulong>(decision.Targets.Count);
                 foreach (var target in decision.Targets)
                 {
@@ -431,47 +718,96 @@ public sealed class OptpolineEngine : IDisposable
         return result;
     }
 
-    /// <summary>
-    /// Starts recording every change to code into a perf.data file at <paramref name="path"/>
-    /// (PERF_RECORD_TEXT_POKE with old and new bytes, CLOCK_MONOTONIC time), after a COMM record for the
-    /// process and an MMAP2 record for each code region: <c>perf script --show-text-poke-events -i FILE</c>
-    /// lists them. Replaces a trace already running.
-    /// </summary>
-    /// <exception cref="IOException">The file cannot be created.</exception>
-    public void StartPerfTrace(string path)
+    /// <summary>The running trace's directory, or null when the engine does not trace.</summary>
+    public string? TraceDirectory
     {
-        var writer = new PerfDataWriter(path);
-        var now = PerfDataWriter.Now();
-        writer.Comm(Path.GetFileName(Environment.ProcessPath) ?? "dotnet", Environment.ProcessId, now);
-        foreach (var (start, size) in Code.Regions)
+        get
         {
-            writer.Mmap2(start, size, "/memfd:optpoline-code (deleted)", now);
+            lock (_published)
+            {
+                return _tracing?.Directory;
+            }
         }
-
-        var previous = Scheduler.Patcher.Trace;
-        Scheduler.Patcher.Trace = writer;
-        previous?.Dispose();
     }
 
     /// <summary>
-    /// Starts writing <c>jit-PID.dump</c> into <paramref name="directory"/> for <c>perf inject --jit</c>:
-    /// a JIT_CODE_LOAD for every code block now (host code, thunks, stubs, chains), for each block
-    /// published later, and again with a fresh code_index for every block a patch batch changes, so that
-    /// samples are attributed to the code as it was. Record with <c>perf record -k mono</c>.
+    /// Starts tracing into <see cref="TracingOptions.Directory"/> while the host runs: with text pokes,
+    /// a start image of every region (<c>snapshot-start.bin</c>) and <c>text-poke.data</c>, a perf.data
+    /// file with COMM and MMAP2 records and a PERF_RECORD_TEXT_POKE (old and new bytes, CLOCK_MONOTONIC
+    /// time, pid and tid) for every change: each patch, written before it can be visible to another
+    /// thread; each block published (int3 to code) and freed (code to int3); and an MMAP2 for each
+    /// region reserved later. With a jitdump, <c>jit-PID.dump</c> gets a JIT_CODE_LOAD for every
+    /// published block now and later, and again with a fresh code_index for every block a patch batch
+    /// changes, so that <c>perf inject --jit</c> names samples by the code as it was. The start waits
+    /// for a patch batch in flight. A trace already running is stopped first.
     /// </summary>
-    /// <exception cref="IOException">The file cannot be created or mapped.</exception>
-    public void StartJitDump(string directory)
+    /// <exception cref="ArgumentException">The options name no directory or no output.</exception>
+    /// <exception cref="IOException">A trace file cannot be created or mapped.</exception>
+    public void StartTracing(TracingOptions options)
     {
-        var writer = new JitDumpWriter(directory);
-        lock (_published)
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        Scheduler.Patcher.BetweenBatches(() =>
         {
-            _jitDump?.Dispose();
-            _jitDump = writer;
-            foreach (var (block, name) in _published.Values)
+            lock (_published)
             {
-                Load(writer, block, name);
+                StopTracingLocked();
+                var session = new TraceSession(options);
+                try
+                {
+                    Code.Observe(session, session.Begin);
+                    session.Existing([.. _published.Values.Where(e => IsCurrent(e.Block)).OrderBy(e => e.Block.Address)
+                        .Select(e => (e.Block.Address, e.Block.Size, e.Name))]);
+
+                    Scheduler.Patcher.Trace = session.Pokes;
+                    _tracing = session;
+                }
+                catch
+                {
+                    Code.Observe(null);
+                    session.Dispose();
+                    throw;
+                }
             }
+        });
+    }
+
+    /// <summary>
+    /// Stops the running trace, if any: writes the end image (<c>snapshot-end.bin</c>) and closes the
+    /// files. Waits for a patch batch in flight. Returns what was written, or null when no trace ran.
+    /// </summary>
+    public TraceSummary? StopTracing()
+    {
+        TraceSummary? summary = null;
+        Scheduler.Patcher.BetweenBatches(() =>
+        {
+            lock (_published)
+            {
+                summary = StopTracingLocked();
+            }
+        });
+        return summary;
+    }
+
+    private TraceSummary? StopTracingLocked()
+    {
+        if (_tracing is not { } session)
+        {
+            return null;
         }
+
+        _tracing = null;
+        Scheduler.Patcher.Trace = null;
+        try
+        {
+            Code.Observe(null, session.Finish);
+        }
+        finally
+        {
+            session.Dispose();
+        }
+
+        return session.Summary();
     }
 
     /// <summary>JIT_CODE_LOAD records written by the running jitdump (the next one gets this code_index).</summary>
@@ -481,31 +817,47 @@ public sealed class OptpolineEngine : IDisposable
         {
             lock (_published)
             {
-                return _jitDump?.Loads ?? 0;
+                return _tracing?.Jit?.Loads ?? 0;
             }
         }
     }
 
-    /// <summary>Stops the jitdump, if one runs, and closes its file.</summary>
-    public void StopJitDump()
+    /// <summary>
+    /// Declares a block of host code, written through its writable view, ready: from now on it is code
+    /// named <paramref name="name"/> in profiles (jitdump) and traces (a text poke from the int3 it held
+    /// to its bytes). Write a block completely before publishing it, and change it afterwards only
+    /// through sites and the patcher; free it with <see cref="FreeCode"/>.
+    /// </summary>
+    /// <exception cref="ArgumentException">The block is not a live block of this engine's code memory, or the name is empty.</exception>
+    public void PublishCode(CodeBlock block, string name)
     {
-        lock (_published)
+        ArgumentException.ThrowIfNullOrWhiteSpace(name);
+        if (!Code.TryFindBlock(block.Address, out var start, out var length) || start != block.Address || length != (ulong)block.Size)
         {
-            _jitDump?.Dispose();
-            _jitDump = null;
+            throw new ArgumentException($"{block} is not a live block of this engine's code memory; allocate it with engine.Code.Allocate.", nameof(block));
         }
+
+        Publish(block, name);
     }
 
-    /// <summary>A block of code exists now under <paramref name="name"/> (for profiles).</summary>
+    /// <summary>
+    /// Frees a block of host code (published or not): it stops being named in profiles, is filled with
+    /// int3, and a trace records the change. No thread may run in it any more.
+    /// </summary>
+    /// <exception cref="ArgumentException">The block is not live in this engine's code memory.</exception>
+    public void FreeCode(CodeBlock block)
+    {
+        Unpublish(block);
+        Code.Free(block);
+    }
+
+    /// <summary>A block of code exists now under <paramref name="name"/> (for profiles and traces).</summary>
     internal void Publish(CodeBlock block, string name)
     {
         lock (_published)
         {
             _published[block.Address] = (block, name);
-            if (_jitDump is { } writer)
-            {
-                Load(writer, block, name);
-            }
+            _tracing?.Published(block, name);
         }
     }
 
@@ -518,37 +870,43 @@ public sealed class OptpolineEngine : IDisposable
         }
     }
 
-    /// <summary>After a batch: every changed block is loaded again, as it is now.</summary>
+    /// <summary>After a batch: every changed block is loaded again into the jitdump, as it is now.</summary>
     private void Republish(IReadOnlyList<CodePatch> patches)
     {
         lock (_published)
         {
-            if (_jitDump is not { } writer)
+            if (_tracing?.Jit is null)
             {
                 return;
             }
 
-            var done = new HashSet<ulong>();
+            // Patches come sorted by address, so most fall in the block found last.
+            var blocks = new List<(ulong, int, string)>();
+            ulong lastStart = 0, lastEnd = 0;
             foreach (var patch in patches)
             {
-                if (Code.TryFindBlockStart(patch.Address, out var start) && done.Add(start) && _published.TryGetValue(start, out var entry))
+                if (patch.Address >= lastStart && patch.Address < lastEnd)
                 {
-                    Load(writer, entry.Block, entry.Name);
+                    continue;
+                }
+
+                if (Code.TryFindBlock(patch.Address, out var start, out var length))
+                {
+                    (lastStart, lastEnd) = (start, start + length);
+                    if (_published.TryGetValue(start, out var entry) && entry.Block.Size == (int)length)
+                    {
+                        blocks.Add((start, entry.Block.Size, entry.Name));
+                    }
                 }
             }
+
+            _tracing.Patched(blocks);
         }
     }
 
-    private static void Load(JitDumpWriter writer, CodeBlock block, string name) =>
-        writer.CodeLoad(block.Address, block.GetExecutableSpan(), name, Environment.CurrentManagedThreadId);
-
-    /// <summary>Stops the perf.data trace, if one runs, and closes its file.</summary>
-    public void StopPerfTrace()
-    {
-        var writer = Scheduler.Patcher.Trace;
-        Scheduler.Patcher.Trace = null;
-        writer?.Dispose();
-    }
+    /// <summary>Whether a published entry still describes a live block (the host may have freed it with Code.Free).</summary>
+    private bool IsCurrent(CodeBlock block) =>
+        Code.TryFindBlock(block.Address, out var start, out var length) && start == block.Address && length == (ulong)block.Size;
 
     /// <summary>The learning state of a site, or null when the engine does not learn.</summary>
     public SiteLearningState? GetLearningState(Site site)
@@ -581,9 +939,9 @@ public sealed class OptpolineEngine : IDisposable
         }
     }
 
-    private void LearnLoop()
+    private void LearnLoop(ManualResetEventSlim stop)
     {
-        while (!_stopLearning.Wait(Options.Learning.EpochInterval))
+        while (!stop.Wait(_epochInterval))
         {
             try
             {
@@ -602,8 +960,27 @@ public sealed class OptpolineEngine : IDisposable
 
     internal SiteScheduler Scheduler { get; }
 
-    /// <summary>Writes code that no thread can run yet (a site being bound before its code is returned to the host).</summary>
-    internal int ApplyUnpublished(IReadOnlyList<CodePatch> patches) => QuiescentPatcher.Apply(Code, patches);
+    /// <summary>
+    /// Writes code that no thread can run yet (a site being bound before its code is returned to the
+    /// host). A trace records the changes to published blocks (the site's stub) all the same.
+    /// </summary>
+    internal int ApplyUnpublished(IReadOnlyList<CodePatch> patches)
+    {
+        lock (_published)
+        {
+            var effective = QuiescentPatcher.Validate(Code, patches);
+            QuiescentPatcher.Apply(Code, effective);
+            // Bytes in a block not yet published are recorded when it is (from int3 to all its bytes).
+            var published = effective.Where(p => Code.TryFindBlockStart(p.Address, out var start) && _published.ContainsKey(start)).ToList();
+            if (_tracing?.Pokes is { } pokes && published.Count > 0)
+            {
+                pokes.TextPokes(published, PerfDataWriter.Now(), LinuxOs.Gettid());
+            }
+
+            Republish(effective);
+            return effective.Count;
+        }
+    }
 
     internal void AddPendingSite(Assembler assembler, InlineSite site, int index)
     {

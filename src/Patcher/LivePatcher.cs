@@ -29,6 +29,8 @@ public sealed unsafe class LivePatcher
 
     private readonly PatchRuntime _runtime;
     private long _batches;
+    private long _batchTicks;
+    private long _recordTicks;
     private long _patches;
     private long _coreSyncs;
     private long _flushes;
@@ -57,7 +59,8 @@ public sealed unsafe class LivePatcher
     public PatcherStatistics Statistics => new(
         Interlocked.Read(ref _batches), Interlocked.Read(ref _patches), Interlocked.Read(ref _coreSyncs),
         Interlocked.Read(ref _flushes), Interlocked.Read(ref _flushTimeouts), Interlocked.Read(ref _flushedThreads),
-        _runtime.TrapHits, _runtime.ForeignTraps, _runtime.StaleTraps);
+        _runtime.TrapHits, _runtime.ForeignTraps, _runtime.StaleTraps,
+        Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _batchTicks)), Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _recordTicks)));
 
     /// <summary>
     /// Whether enough batch tables wait for a thread flush that one should run soon: a batch's trap
@@ -84,6 +87,19 @@ public sealed unsafe class LivePatcher
     public PerfDataWriter? Trace { get; set; }
 
     /// <summary>
+    /// Runs <paramref name="action"/> while no batch is in flight, and none starts (it holds the lock
+    /// that batches take): a trace starts and stops here, so that its snapshot holds no int3 window.
+    /// </summary>
+    public void BetweenBatches(Action action)
+    {
+        ArgumentNullException.ThrowIfNull(action);
+        lock (_runtime.PatchLock)
+        {
+            action();
+        }
+    }
+
+    /// <summary>
     /// Applies a batch to live code with the INT3 protocol. The whole batch is validated first
     /// (expected bytes, overlaps); patches that change nothing are skipped.
     /// </summary>
@@ -93,6 +109,7 @@ public sealed unsafe class LivePatcher
     {
         ArgumentNullException.ThrowIfNull(code);
         ArgumentNullException.ThrowIfNull(patches);
+        var started = Stopwatch.GetTimestamp();
         lock (_runtime.PatchLock)
         {
             var byPatch = patches.ToDictionary(p => p.Patch);
@@ -128,7 +145,9 @@ public sealed unsafe class LivePatcher
                 }
 
                 CoreSync();
+                var recordStart = Stopwatch.GetTimestamp();
                 Record(effective);
+                Interlocked.Add(ref _recordTicks, Stopwatch.GetTimestamp() - recordStart);
                 BeforeVisible?.Invoke(effective);
 
                 // Third step: the first bytes, highest address first, so that within a slot the call is
@@ -153,7 +172,11 @@ public sealed unsafe class LivePatcher
 
             Interlocked.Increment(ref _batches);
             Interlocked.Add(ref _patches, effective.Count);
+            var afterStart = Stopwatch.GetTimestamp();
             AfterApply?.Invoke(effective);
+            var end = Stopwatch.GetTimestamp();
+            Interlocked.Add(ref _recordTicks, end - afterStart);
+            Interlocked.Add(ref _batchTicks, end - started);
             return effective.Count;
         }
     }
@@ -253,12 +276,7 @@ public sealed unsafe class LivePatcher
             return;
         }
 
-        var time = PerfDataWriter.Now();
-        var tid = PatcherOs.Gettid();
-        foreach (var patch in effective)
-        {
-            trace.TextPoke(patch.Address, patch.Expected.Span, patch.Replacement.Span, time, tid);
-        }
+        trace.TextPokes(effective, PerfDataWriter.Now(), PatcherOs.Gettid());
     }
 
     private static bool WaitForAcks(List<int> tids, uint* acks, uint generation, TimeSpan limit)

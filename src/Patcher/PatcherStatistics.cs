@@ -10,5 +10,8 @@ namespace Optpoline.Patcher;
 /// <param name="TrapHits">Threads the trap handler redirected, process-wide.</param>
 /// <param name="ForeignTraps">Traps passed on to the previous SIGTRAP action, process-wide.</param>
 /// <param name="StaleTraps">Traps at one of our int3s that arrived after the batch had restored it (the instruction re-executes), process-wide.</param>
+/// <param name="BatchTime">Wall time spent applying batches, recording included.</param>
+/// <param name="RecordTime">Of that, the time spent recording them (text pokes before the last step, and the after-batch hook: jitdump reloads).</param>
 public readonly record struct PatcherStatistics(
-    long Batches, long Patches, long CoreSyncs, long Flushes, long FlushTimeouts, long FlushedThreads, long TrapHits, long ForeignTraps, long StaleTraps);
+    long Batches, long Patches, long CoreSyncs, long Flushes, long FlushTimeouts, long FlushedThreads, long TrapHits, long ForeignTraps, long StaleTraps,
+    TimeSpan BatchTime, TimeSpan RecordTime);

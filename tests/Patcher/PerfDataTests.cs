@@ -39,30 +39,35 @@ public sealed class PerfDataTests
     [Test]
     public void An_engine_trace_records_every_patch_it_applies()
     {
-        var path = Path.Combine(Path.GetTempPath(), $"optpoline-{Environment.ProcessId}-{Guid.NewGuid():N}.data");
+        var directory = Path.Combine(Path.GetTempPath(), $"optpoline-trace-{Environment.ProcessId}-{Guid.NewGuid():N}");
         try
         {
             using var engine = new OptpolineEngine();
             var targets = Support.ChecksumCode.EmitTargets(engine, 4);
             var site = engine.CreateInlineSite(Iced.Intel.Register.RAX, 1);
             Support.ChecksumCode.EmitDriver(engine, Iced.Intel.Register.RAX, site);
-            engine.StartPerfTrace(path);
+            engine.StartTracing(new Optpoline.Tracing.TracingOptions { Directory = directory, JitDump = false });
             var before = engine.PatchStatistics.Patches;
             site.Promote(targets[..3]);
             site.Promote([targets[3]]);
             site.Reset();
             var patches = engine.PatchStatistics.Patches - before;
-            engine.StopPerfTrace();
+            var summary = engine.StopTracing()!;
 
-            var output = Run("perf", $"script -i {path} --show-text-poke-events");
+            var output = Run("perf", $"script -i {Path.Combine(directory, TraceFiles.TextPokes)} --show-text-poke-events --show-mmap-events --show-task-events");
             var pokes = output.Split('\n').Count(l => l.Contains("PERF_RECORD_TEXT_POKE", StringComparison.Ordinal));
-            Assert.That(pokes, Is.EqualTo(patches), output);
+            Assert.That(pokes, Is.EqualTo(summary.TextPokes), output);
             Assert.That(output, Does.Contain($"PERF_RECORD_TEXT_POKE {site.Address:x}"));
+            Assert.That(output, Does.Contain("PERF_RECORD_COMM").And.Contain("PERF_RECORD_MMAP2"));
             Assert.That(patches, Is.GreaterThanOrEqualTo(5));
+            // Every patch is there with its bytes, besides the chains published and freed on the way.
+            var read = PerfDataReader.Read(Path.Combine(directory, TraceFiles.TextPokes));
+            Assert.That(read.TextPokes.Count(p => p.Address == site.Address), Is.GreaterThanOrEqualTo(3));
+            Assert.That(pokes, Is.GreaterThanOrEqualTo(patches));
         }
         finally
         {
-            File.Delete(path);
+            Directory.Delete(directory, recursive: true);
         }
     }
 
@@ -79,7 +84,7 @@ public sealed class PerfDataTests
             using var workload = new Optpoline.Stress.LearningWorkload(engine, siteCount: 64);
             workload.SetPhase([(0, 0.5), (1, 0.5)], 1);
             engine.PromoteAsync([.. workload.Sites.Select((site, j) => new Optpoline.Sites.SiteUpdate(site, [workload.TargetFor(j, 0, 1)]))]).Wait();
-            engine.StartJitDump(directory);
+            engine.StartTracing(new Optpoline.Tracing.TracingOptions { Directory = directory, TextPokes = false });
 
             using var perf = Process.Start(new ProcessStartInfo("perf", $"record -q -e cpu-clock -k mono -p {Environment.ProcessId} -o {data}") { RedirectStandardError = true })!;
             Thread.Sleep(700);
@@ -100,7 +105,7 @@ public sealed class PerfDataTests
 
             Run("kill", $"-INT {perf.Id}");
             Assert.That(perf.WaitForExit(TimeSpan.FromSeconds(30)), Is.True, "perf record stopped");
-            engine.StopJitDump();
+            engine.StopTracing();
             TestContext.Out.WriteLine(Run("perf", $"inject --jit -i {data} -o {injected}"));
             var report = Run("perf", $"report -i {injected} --stdio --sort dso --percent-limit 0");
             TestContext.Out.WriteLine(report);

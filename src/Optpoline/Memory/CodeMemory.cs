@@ -11,7 +11,9 @@ namespace Optpoline.Memory;
 /// <remarks>
 /// Every region lies within <see cref="CodeMemoryOptions.ReachRadius"/> (at most 1 GiB) of the anchor,
 /// so any two addresses handed out are within a rel32 call of each other. Pages are committed on
-/// demand and stay committed until the memory is disposed.
+/// demand and stay committed until the memory is disposed. Every committed byte outside a live block
+/// holds int3 (0xCC): pages are filled when committed and blocks when freed, so a stray jump traps,
+/// and a trace can describe the memory as its live blocks over a background of int3.
 /// </remarks>
 public sealed class CodeMemory : ICodeView, IDisposable
 {
@@ -23,6 +25,7 @@ public sealed class CodeMemory : ICodeView, IDisposable
     private readonly List<Region> _regions = [];
     private readonly Lock _lock = new();
     private bool _disposed;
+    private ICodeMemoryObserver? _observer;
 
     /// <summary>Creates code memory backed by a memfd dual mapping.</summary>
     /// <exception cref="ArgumentOutOfRangeException">An option is out of range.</exception>
@@ -82,6 +85,33 @@ public sealed class CodeMemory : ICodeView, IDisposable
             lock (_lock)
             {
                 return [.. _regions.Select(r => (r.Reservation.RxBase, r.Reservation.Size))];
+            }
+        }
+    }
+
+    /// <summary>
+    /// Sets who is told of region reservations and of blocks about to be freed, under this memory's
+    /// lock (tracing); <paramref name="underLock"/> sees the regions and their committed sizes at that
+    /// moment, atomically with the change (no block is freed and no page committed meanwhile).
+    /// </summary>
+    internal void Observe(ICodeMemoryObserver? observer, Action<IReadOnlyList<(ulong Start, ulong Size, ulong Committed)>>? underLock = null)
+    {
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            underLock?.Invoke([.. _regions.Select(r => (r.Reservation.RxBase, r.Reservation.Size, r.Committed))]);
+            _observer = observer;
+        }
+    }
+
+    /// <summary>The executable view of every region: (start, reserved bytes, committed bytes).</summary>
+    internal IReadOnlyList<(ulong Start, ulong Size, ulong Committed)> CommittedRegions
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return [.. _regions.Select(r => (r.Reservation.RxBase, r.Reservation.Size, r.Committed))];
             }
         }
     }
@@ -172,6 +202,7 @@ public sealed class CodeMemory : ICodeView, IDisposable
 
             var fresh = new Region(reservation);
             _regions.Add(fresh);
+            _observer?.RegionReserved(reservation.RxBase, reservation.Size);
             if (!TryAllocateIn(fresh, size, align, out block))
             {
                 throw new InvalidOperationException("A fresh region could not hold a block smaller than the region.");
@@ -182,13 +213,13 @@ public sealed class CodeMemory : ICodeView, IDisposable
         }
     }
 
-    /// <summary>Frees a block.</summary>
+    /// <summary>Frees a block and fills it with int3. No thread may run in it any more.</summary>
     /// <exception cref="ArgumentException">The block is not live in this memory (foreign, interior, or already freed).</exception>
     public void Free(CodeBlock block) => Free(block.Address);
 
-    /// <summary>Frees the block that starts at executable address <paramref name="address"/>.</summary>
+    /// <summary>Frees the block that starts at executable address <paramref name="address"/> and fills it with int3.</summary>
     /// <exception cref="ArgumentException">No live block of this memory starts there (foreign, interior, or already freed).</exception>
-    public void Free(ulong address)
+    public unsafe void Free(ulong address)
     {
         lock (_lock)
         {
@@ -196,7 +227,15 @@ public sealed class CodeMemory : ICodeView, IDisposable
             var region = FindRegion(address, 1)
                 ?? throw new ArgumentException(
                     $"0x{address:X} is not in any region of this code memory; it was not allocated here.", nameof(address));
-            var result = region.Allocator.Free(address - region.Reservation.RxBase, out _);
+            var offset = address - region.Reservation.RxBase;
+            if (region.Allocator.TryFindBlock(offset, 1, out var start, out var length) && start == offset)
+            {
+                var writable = new Span<byte>((void*)(region.Reservation.RwBase + offset), checked((int)length));
+                _observer?.BlockFreeing(address, writable);
+                writable.Fill(0xCC);
+            }
+
+            var result = region.Allocator.Free(offset, out _);
             switch (result)
             {
                 case RegionAllocator.FreeResult.Freed:
@@ -221,19 +260,40 @@ public sealed class CodeMemory : ICodeView, IDisposable
         }
     }
 
-    /// <summary>The start of the live block containing <paramref name="address"/>, if any.</summary>
-    internal bool TryFindBlockStart(ulong address, out ulong start)
+    /// <summary>The live block that contains <paramref name="address"/> (its executable address), if any.</summary>
+    public bool TryGetBlock(ulong address, out CodeBlock block)
     {
         lock (_lock)
         {
             var region = FindRegion(address, 1);
-            if (region is not null && region.Allocator.TryFindBlock(address - region.Reservation.RxBase, 1, out var offset, out _))
+            if (region is not null && region.Allocator.TryFindBlock(address - region.Reservation.RxBase, 1, out var offset, out var length))
+            {
+                block = new CodeBlock(region.Reservation.RxBase + offset, region.Reservation.RwBase + offset, (int)length);
+                return true;
+            }
+
+            block = default;
+            return false;
+        }
+    }
+
+    /// <summary>The start of the live block containing <paramref name="address"/>, if any.</summary>
+    internal bool TryFindBlockStart(ulong address, out ulong start) => TryFindBlock(address, out start, out _);
+
+    /// <summary>The start and length of the live block containing <paramref name="address"/>, if any.</summary>
+    internal bool TryFindBlock(ulong address, out ulong start, out ulong length)
+    {
+        lock (_lock)
+        {
+            var region = FindRegion(address, 1);
+            if (region is not null && region.Allocator.TryFindBlock(address - region.Reservation.RxBase, 1, out var offset, out length))
             {
                 start = region.Reservation.RxBase + offset;
                 return true;
             }
 
             start = 0;
+            length = 0;
             return false;
         }
     }
@@ -292,7 +352,7 @@ public sealed class CodeMemory : ICodeView, IDisposable
         }
     }
 
-    private bool TryAllocateIn(Region region, ulong size, ulong alignment, out CodeBlock block)
+    private unsafe bool TryAllocateIn(Region region, ulong size, ulong alignment, out CodeBlock block)
     {
         if (!region.Allocator.TryAllocate(size, alignment, out var offset))
         {
@@ -308,6 +368,7 @@ public sealed class CodeMemory : ICodeView, IDisposable
             try
             {
                 _provider.Commit(region.Reservation, region.Committed, target - region.Committed);
+                new Span<byte>((void*)(region.Reservation.RwBase + region.Committed), checked((int)(target - region.Committed))).Fill(0xCC);
             }
             catch
             {

@@ -13,11 +13,17 @@ internal sealed class MemfdPageProvider : ICodePageProvider
     private const ulong ReserveAlignment = 64 * 1024;
     private const int Attempts = 8;
 
+    /// <summary>The memfd's name.</summary>
+    public const string MemfdName = "optpoline-code";
+
+    /// <summary>How the executable view's file shows in /proc/PID/maps (and so in perf).</summary>
+    public const string MapsName = "/memfd:" + MemfdName + " (deleted)";
+
     public int PageSize => Environment.SystemPageSize;
 
     public CodeReservation? TryReserve(ulong size, ulong low, ulong high, ulong anchor, out string? error)
     {
-        var fd = LinuxOs.MemfdCreate("optpoline-code", LinuxOs.MfdCloexec);
+        var fd = LinuxOs.MemfdCreate(MemfdName, LinuxOs.MfdCloexec);
         if (fd < 0)
         {
             error = $"memfd_create failed: {LinuxOs.Describe(LinuxOs.LastErrno)}.";

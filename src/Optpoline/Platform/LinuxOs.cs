@@ -31,6 +31,9 @@ internal static partial class LinuxOs
     [LibraryImport(Libc, EntryPoint = "mmap", SetLastError = true)]
     public static partial nint Mmap(nint address, nuint length, int protection, int flags, int fd, long offset);
 
+    [LibraryImport(Libc, EntryPoint = "gettid")]
+    public static partial int Gettid();
+
     [LibraryImport(Libc, EntryPoint = "munmap", SetLastError = true)]
     public static partial int Munmap(nint address, nuint length);
 

@@ -73,6 +73,10 @@ public sealed class InlineSite : Site
 
     private int SlotLength => X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + (2 * _pauses) + X64.Rel32Length;
 
+    /// <summary>The bytes an inline site with <paramref name="inlineSlots"/> slots takes in host code (before it is bound).</summary>
+    internal static int LengthFor(int inlineSlots) =>
+        inlineSlots == 0 ? X64.Rel32Length : X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + X64.Rel32Length;
+
     /// <summary>
     /// Bytes the site occupies in the host's code: once bound, what the host's assembler produced (it
     /// may shorten the <c>jne</c>); before, what <see cref="Write"/> needs.

@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
 using Optpoline.Patcher.Platform;
@@ -22,8 +23,12 @@ public sealed class JitDumpWriter : IDisposable
     private readonly FileStream _file;
     private readonly nint _marker;
     private readonly Lock _lock = new();
+    private readonly ArrayBufferWriter<byte> _scratch = new(64 << 10);
     private readonly int _pid = Environment.ProcessId;
     private ulong _codeIndex;
+
+    /// <summary>The file name perf expects for process <paramref name="pid"/>.</summary>
+    public static string FileName(int pid) => $"jit-{pid}.dump";
     private bool _disposed;
 
     /// <summary>Creates <c>jit-&lt;pid&gt;.dump</c> in <paramref name="directory"/> and maps its first page executable.</summary>
@@ -32,7 +37,7 @@ public sealed class JitDumpWriter : IDisposable
     {
         ArgumentException.ThrowIfNullOrEmpty(directory);
         Directory.CreateDirectory(directory);
-        Path = System.IO.Path.Combine(directory, $"jit-{_pid}.dump");
+        Path = System.IO.Path.Combine(directory, FileName(_pid));
         _file = new FileStream(Path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read);
         var header = new byte[HeaderSize];
         BinaryPrimitives.WriteUInt32LittleEndian(header, Magic);
@@ -64,27 +69,62 @@ public sealed class JitDumpWriter : IDisposable
     public void CodeLoad(ulong address, ReadOnlySpan<byte> code, string name, int tid)
     {
         ArgumentNullException.ThrowIfNull(name);
-        var text = Encoding.UTF8.GetBytes(name);
-        var size = 16 + 8 + 32 + text.Length + 1 + code.Length;
-        var record = new byte[size];
-        var span = record.AsSpan();
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
-            BinaryPrimitives.WriteUInt32LittleEndian(span, RecordCodeLoad);
-            BinaryPrimitives.WriteUInt32LittleEndian(span[4..], (uint)size);
-            BinaryPrimitives.WriteUInt64LittleEndian(span[8..], PerfDataWriter.Now());
-            BinaryPrimitives.WriteInt32LittleEndian(span[16..], _pid);
-            BinaryPrimitives.WriteInt32LittleEndian(span[20..], tid);
-            BinaryPrimitives.WriteUInt64LittleEndian(span[24..], address);         // vma
-            BinaryPrimitives.WriteUInt64LittleEndian(span[32..], address);         // code_addr
-            BinaryPrimitives.WriteUInt64LittleEndian(span[40..], (ulong)code.Length);
-            BinaryPrimitives.WriteUInt64LittleEndian(span[48..], _codeIndex++);     // fresh for every load
-            text.CopyTo(span[56..]);
-            code.CopyTo(span[(56 + text.Length + 1)..]);
-            _file.Write(record);
+            _scratch.ResetWrittenCount();
+            AddCodeLoad(_scratch, address, code, name, tid, PerfDataWriter.Now());
+            _file.Write(_scratch.WrittenSpan);
             _file.Flush(flushToDisk: false);
         }
+    }
+
+    /// <summary>
+    /// Records the code of several live blocks, read at their executable addresses, with one write
+    /// (the blocks one patch batch changed), at <paramref name="time"/> (CLOCK_MONOTONIC ns; null: now).
+    /// Every block must be mapped readable for the duration of the call.
+    /// </summary>
+    public unsafe void CodeLoads(IReadOnlyList<(ulong Address, int Length, string Name)> blocks, int tid, ulong? time = null)
+    {
+        ArgumentNullException.ThrowIfNull(blocks);
+        if (blocks.Count == 0)
+        {
+            return;
+        }
+
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            _scratch.ResetWrittenCount();
+            var at = time ?? PerfDataWriter.Now();
+            foreach (var (address, length, name) in blocks)
+            {
+                AddCodeLoad(_scratch, address, new ReadOnlySpan<byte>((void*)address, length), name, tid, at);
+            }
+
+            _file.Write(_scratch.WrittenSpan);
+            _file.Flush(flushToDisk: false);
+        }
+    }
+
+    private void AddCodeLoad(ArrayBufferWriter<byte> buffer, ulong address, ReadOnlySpan<byte> code, string name, int tid, ulong time)
+    {
+        var nameLength = Encoding.UTF8.GetByteCount(name);
+        var size = 16 + 8 + 32 + nameLength + 1 + code.Length;
+        var span = buffer.GetSpan(size)[..size];
+        BinaryPrimitives.WriteUInt32LittleEndian(span, RecordCodeLoad);
+        BinaryPrimitives.WriteUInt32LittleEndian(span[4..], (uint)size);
+        BinaryPrimitives.WriteUInt64LittleEndian(span[8..], time);
+        BinaryPrimitives.WriteInt32LittleEndian(span[16..], _pid);
+        BinaryPrimitives.WriteInt32LittleEndian(span[20..], tid);
+        BinaryPrimitives.WriteUInt64LittleEndian(span[24..], address);         // vma
+        BinaryPrimitives.WriteUInt64LittleEndian(span[32..], address);         // code_addr
+        BinaryPrimitives.WriteUInt64LittleEndian(span[40..], (ulong)code.Length);
+        BinaryPrimitives.WriteUInt64LittleEndian(span[48..], _codeIndex++);     // fresh for every load
+        Encoding.UTF8.GetBytes(name, span[56..]);
+        span[56 + nameLength] = 0;
+        code.CopyTo(span[(56 + nameLength + 1)..]);
+        buffer.Advance(size);
     }
 
     /// <summary>Writes JIT_CODE_CLOSE and unmaps the marker.</summary>

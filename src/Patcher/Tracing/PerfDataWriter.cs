@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
 
@@ -7,8 +8,8 @@ namespace Optpoline.Patcher.Tracing;
 /// Writes a perf.data file (the format <c>perf report</c> and <c>perf script</c> read) that holds one
 /// dummy software event with <c>text_poke</c> set and a PERF_RECORD_TEXT_POKE for every change to
 /// code, with old and new bytes, CLOCK_MONOTONIC time, pid and tid (<c>perf record -k mono</c> uses the
-/// same clock). Each record is flushed and the header's data size updated as it is written, so a crash
-/// loses at most the record in flight. Thread safe.
+/// same clock). Each record is flushed and the header's data size updated as it is written (one write per
+/// patch batch), so a crash loses at most the batch in flight. Thread safe.
 /// </summary>
 /// <remarks>
 /// Layout (tools/perf/Documentation/perf.data-file-format.txt): a 104-byte header ("PERFILE2", size,
@@ -35,6 +36,7 @@ public sealed class PerfDataWriter : IDisposable
 
     private readonly FileStream _file;
     private readonly Lock _lock = new();
+    private readonly ArrayBufferWriter<byte> _scratch = new(64 << 10);   // records are built here, under the lock, then written at once
     private readonly int _pid = Environment.ProcessId;
     private long _dataSize;
     private bool _disposed;
@@ -43,7 +45,7 @@ public sealed class PerfDataWriter : IDisposable
     public PerfDataWriter(string path)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
-        _file = new FileStream(path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read);
+        _file = new FileStream(path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read, bufferSize: 0);
         Path = path;
         var head = new byte[DataOffset];
         var span = head.AsSpan();
@@ -65,8 +67,7 @@ public sealed class PerfDataWriter : IDisposable
         const ulong TextPoke = 1UL << 33;
         BinaryPrimitives.WriteUInt64LittleEndian(attr[40..], SampleIdAll | UseClockId | TextPoke);
         BinaryPrimitives.WriteInt32LittleEndian(attr[92..], 1);            // clockid: CLOCK_MONOTONIC
-        _file.Write(head);
-        _file.Flush(flushToDisk: false);
+        RandomAccess.Write(_file.SafeFileHandle, head, 0);
     }
 
     /// <summary>The file written.</summary>
@@ -75,29 +76,132 @@ public sealed class PerfDataWriter : IDisposable
     /// <summary>Records written so far.</summary>
     public long Records { get; private set; }
 
+    /// <summary>PERF_RECORD_TEXT_POKE records written so far.</summary>
+    public long TextPokeRecords { get; private set; }
+
     /// <summary>CLOCK_MONOTONIC now, in nanoseconds (.NET's Stopwatch reads that clock on Linux).</summary>
     public static ulong Now() => (ulong)(System.Diagnostics.Stopwatch.GetTimestamp() * (1_000_000_000.0 / System.Diagnostics.Stopwatch.Frequency));
 
-    /// <summary>Appends a PERF_RECORD_TEXT_POKE: <paramref name="oldBytes"/> at <paramref name="address"/> become <paramref name="newBytes"/>.</summary>
+    /// <summary>
+    /// Appends a PERF_RECORD_TEXT_POKE: <paramref name="oldBytes"/> at <paramref name="address"/> become
+    /// <paramref name="newBytes"/>. A change of equal lengths longer than <see cref="MaxPokeBytes"/> is
+    /// split into consecutive records with the same time (a record's size field has 16 bits).
+    /// </summary>
+    /// <exception cref="ArgumentException">Lengths differ and one exceeds <see cref="MaxPokeBytes"/>.</exception>
     public void TextPoke(ulong address, ReadOnlySpan<byte> oldBytes, ReadOnlySpan<byte> newBytes, ulong time, int tid)
     {
-        if (oldBytes.Length > ushort.MaxValue || newBytes.Length > ushort.MaxValue)
+        CheckLengths(oldBytes.Length, newBytes.Length);
+        lock (_lock)
         {
-            throw new ArgumentException("A text poke holds at most 65535 bytes each side.", nameof(newBytes));
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            _scratch.ResetWrittenCount();
+            var records = AddTextPoke(_scratch, address, oldBytes, newBytes, time, tid);
+            Append(_scratch.WrittenSpan, records, records);
         }
+    }
 
-        var body = 8 + 2 + 2 + oldBytes.Length + newBytes.Length;
-        var padded = (body + 7) & ~7;
-        var record = new byte[8 + padded + 16];
-        var span = record.AsSpan();
-        Header(span, RecordTextPoke, record.Length);
-        BinaryPrimitives.WriteUInt64LittleEndian(span[8..], address);
-        BinaryPrimitives.WriteUInt16LittleEndian(span[16..], (ushort)oldBytes.Length);
-        BinaryPrimitives.WriteUInt16LittleEndian(span[18..], (ushort)newBytes.Length);
-        oldBytes.CopyTo(span[20..]);
-        newBytes.CopyTo(span[(20 + oldBytes.Length)..]);
-        SampleId(span[(8 + padded)..], tid, time);
-        Append(record);
+    /// <summary>
+    /// Appends one PERF_RECORD_TEXT_POKE per patch with one write, all with the same time (one patch
+    /// batch): a crash loses the batch in flight or nothing.
+    /// </summary>
+    public void TextPokes(IReadOnlyList<CodePatch> patches, ulong time, int tid)
+    {
+        ArgumentNullException.ThrowIfNull(patches);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            _scratch.ResetWrittenCount();
+
+            // Patches are small (at most a few dozen bytes): size the buffer once and lay the records
+            // out in it directly. This runs inside the batch's int3 window, so it is kept lean.
+            var total = 0;
+            var small = true;
+            for (var i = 0; i < patches.Count; i++)
+            {
+                var length = patches[i].Length;
+                small &= length <= MaxPokeBytes;
+                total += PokeSize(length, length);
+            }
+
+            var records = 0;
+            if (small)
+            {
+                var span = _scratch.GetSpan(total);
+                var sampleId = (ulong)(uint)_pid | ((ulong)(uint)tid << 32);
+                var at = 0;
+                for (var i = 0; i < patches.Count; i++)
+                {
+                    var patch = patches[i];
+                    var length = patch.Length;
+                    var size = PokeSize(length, length);
+                    var record = span.Slice(at, size);
+                    BinaryPrimitives.WriteUInt64LittleEndian(record, RecordTextPoke | ((ulong)size << 48));
+                    BinaryPrimitives.WriteUInt64LittleEndian(record[8..], patch.Address);
+                    BinaryPrimitives.WriteUInt32LittleEndian(record[16..], (uint)length | ((uint)length << 16));
+                    patch.Expected.Span.CopyTo(record[20..]);
+                    patch.Replacement.Span.CopyTo(record[(20 + length)..]);
+                    record[(20 + (2 * length))..^16].Clear();
+                    BinaryPrimitives.WriteUInt64LittleEndian(record[^16..], sampleId);
+                    BinaryPrimitives.WriteUInt64LittleEndian(record[^8..], time);
+                    at += size;
+                }
+
+                _scratch.Advance(total);
+                records = patches.Count;
+            }
+            else
+            {
+                for (var i = 0; i < patches.Count; i++)
+                {
+                    var patch = patches[i];
+                    records += AddTextPoke(_scratch, patch.Address, patch.Expected.Span, patch.Replacement.Span, time, tid);
+                }
+            }
+
+            Append(_scratch.WrittenSpan, records, records);
+        }
+    }
+
+    /// <summary>Bytes of a PERF_RECORD_TEXT_POKE record: header, address, lengths, bytes padded to 8, sample_id.</summary>
+    private static int PokeSize(int oldLength, int newLength) => 8 + ((12 + oldLength + newLength + 7) & ~7) + 16;
+
+    /// <summary>Most bytes one record carries on each side when a change is split.</summary>
+    public const int MaxPokeBytes = 16 << 10;
+
+    private static void CheckLengths(int oldLength, int newLength)
+    {
+        if (oldLength != newLength && Math.Max(oldLength, newLength) > MaxPokeBytes)
+        {
+            throw new ArgumentException($"A text poke of different lengths holds at most {MaxPokeBytes} bytes each side.", nameof(newLength));
+        }
+    }
+
+    private int AddTextPoke(ArrayBufferWriter<byte> buffer, ulong address, ReadOnlySpan<byte> oldBytes, ReadOnlySpan<byte> newBytes, ulong time, int tid)
+    {
+        var records = 0;
+        var offset = 0;
+        do
+        {
+            var oldPart = oldBytes.Length == newBytes.Length ? oldBytes.Slice(offset, Math.Min(MaxPokeBytes, oldBytes.Length - offset)) : oldBytes;
+            var newPart = oldBytes.Length == newBytes.Length ? newBytes.Slice(offset, oldPart.Length) : newBytes;
+            var body = 8 + 2 + 2 + oldPart.Length + newPart.Length;
+            var padded = (body + 7) & ~7;
+            var size = 8 + padded + 16;
+            var span = buffer.GetSpan(size)[..size];
+            Header(span, RecordTextPoke, size);
+            BinaryPrimitives.WriteUInt64LittleEndian(span[8..], address + (ulong)offset);
+            BinaryPrimitives.WriteUInt16LittleEndian(span[16..], (ushort)oldPart.Length);
+            BinaryPrimitives.WriteUInt16LittleEndian(span[18..], (ushort)newPart.Length);
+            oldPart.CopyTo(span[20..]);
+            newPart.CopyTo(span[(20 + oldPart.Length)..]);
+            span[(8 + body)..(8 + padded)].Clear();
+            SampleId(span[(8 + padded)..], tid, time);
+            buffer.Advance(size);
+            records++;
+            offset += Math.Max(oldPart.Length, newPart.Length);
+        }
+        while (oldBytes.Length == newBytes.Length && offset < oldBytes.Length);
+        return records;
     }
 
     /// <summary>Appends a PERF_RECORD_COMM naming this process.</summary>
@@ -154,6 +258,7 @@ public sealed class PerfDataWriter : IDisposable
     private static void Header(Span<byte> span, uint type, int size)
     {
         BinaryPrimitives.WriteUInt32LittleEndian(span, type);
+        BinaryPrimitives.WriteUInt16LittleEndian(span[4..], 0);               // misc
         BinaryPrimitives.WriteUInt16LittleEndian(span[6..], checked((ushort)size));
     }
 
@@ -164,20 +269,21 @@ public sealed class PerfDataWriter : IDisposable
         BinaryPrimitives.WriteUInt64LittleEndian(span[8..], time);
     }
 
-    private void Append(byte[] record)
+    private void Append(byte[] record) => Append(record, 1, 0);
+
+    private void Append(ReadOnlySpan<byte> records, int count, int pokes)
     {
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
-            _file.Seek(DataOffset + _dataSize, SeekOrigin.Begin);
-            _file.Write(record);
-            _dataSize += record.Length;
+            // Records first, then the header's data size: a reader never sees a size beyond the records.
+            RandomAccess.Write(_file.SafeFileHandle, records, DataOffset + _dataSize);
+            _dataSize += records.Length;
             Span<byte> size = stackalloc byte[8];
             BinaryPrimitives.WriteUInt64LittleEndian(size, (ulong)_dataSize);
-            _file.Seek(48, SeekOrigin.Begin);
-            _file.Write(size);
-            _file.Flush(flushToDisk: false);
-            Records++;
+            RandomAccess.Write(_file.SafeFileHandle, size, 48);
+            Records += count;
+            TextPokeRecords += pokes;
         }
     }
 }

@@ -1,0 +1,56 @@
+namespace Optpoline.Cli;
+
+/// <summary>The <c>optpoline</c> command: one verb per job.</summary>
+internal static class Program
+{
+    internal const string Usage = """
+        usage: optpoline <verb> ...
+
+          run [--seconds N] [--threads N] [--sites N] [--config FILE] [--trace DIR | --no-trace] [--promotion-off]
+                                                 a JIT-like VM with 1000 virtual-call sites on several threads,
+                                                 through four phases, against its retpoline twin; 40 s
+
+          trace list   DIR                       the regions and every change, in time order
+          trace show   DIR WHERE [--at TIME] [--backward]
+                                                 the bytes of WHERE at TIME, disassembled
+          trace verify DIR                       replay forwards and backwards and check them against
+                                                 each other and the end image
+
+        WHERE: 0xADDRESS[:LENGTH] (LENGTH decimal or 0x hex; default 64) or a block name from the jitdump
+        TIME:  start | end | NANOSECONDS (CLOCK_MONOTONIC) | +N[ns|us|ms|s] from the start | #K (the time of change K)
+        """;
+
+    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+
+    internal static int Run(string[] args, TextWriter output, TextWriter error)
+    {
+        if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
+        {
+            output.WriteLine(Usage);
+            return args.Length == 0 ? ExitCodes.Usage : ExitCodes.Ok;
+        }
+
+        return args[0] switch
+        {
+            "trace" => TraceCommand.Run(args[1..], output, error),
+            "run" => RunCommand.Run(args[1..], output, error),
+            _ => Fail(error, $"unknown verb '{args[0]}'."),
+        };
+    }
+
+    internal static int Fail(TextWriter error, string message)
+    {
+        error.WriteLine($"optpoline: {message}");
+        error.WriteLine(Usage);
+        return ExitCodes.Usage;
+    }
+}
+
+/// <summary>Process exit codes.</summary>
+internal static class ExitCodes
+{
+    public const int Ok = 0;
+    public const int Mismatch = 1;
+    public const int Usage = 2;
+    public const int BadTrace = 3;
+}

@@ -1,0 +1,135 @@
+using Optpoline.Memory;
+using Optpoline.Patcher.Tracing;
+using Optpoline.Platform;
+
+namespace Optpoline.Tracing;
+
+/// <summary>
+/// One running trace of an engine: the perf.data text pokes, the jitdump and the start and end images.
+/// The engine calls it with its locks held, in the order patch lock, published blocks, code memory;
+/// the writers' own locks come last, and nothing here calls back into the engine.
+/// </summary>
+internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
+{
+    private readonly List<string> _files = [];
+
+    public TraceSession(TracingOptions options)
+    {
+        options.Validate();
+        Options = options;
+        Directory = Path.GetFullPath(options.Directory);
+        System.IO.Directory.CreateDirectory(Directory);
+        try
+        {
+            if (options.TextPokes)
+            {
+                Pokes = new PerfDataWriter(Path.Combine(Directory, TraceFiles.TextPokes));
+                _files.Add(Pokes.Path);
+                // A stale end image of an earlier trace would pair with this one's pokes.
+                File.Delete(Path.Combine(Directory, TraceFiles.EndSnapshot));
+            }
+
+            if (options.JitDump)
+            {
+                Jit = new JitDumpWriter(Directory);
+                _files.Add(Jit.Path);
+            }
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    public TracingOptions Options { get; }
+
+    public string Directory { get; }
+
+    public PerfDataWriter? Pokes { get; }
+
+    public JitDumpWriter? Jit { get; }
+
+    /// <summary>When the trace started (the start image's time).</summary>
+    public ulong StartTime { get; private set; }
+
+    /// <summary>Under the memory lock, at the start: names the process and the regions, and writes the start image.</summary>
+    public void Begin(IReadOnlyList<(ulong Start, ulong Size, ulong Committed)> regions)
+    {
+        var now = PerfDataWriter.Now();
+        StartTime = now;
+        if (Pokes is null)
+        {
+            return;
+        }
+
+        Pokes.Comm(Path.GetFileName(Environment.ProcessPath) ?? "dotnet", Environment.ProcessId, now);
+        foreach (var (start, size, _) in regions)
+        {
+            Pokes.Mmap2(start, size, MemfdPageProvider.MapsName, now);
+        }
+
+        WriteImage(TraceFiles.StartSnapshot, regions, now);
+    }
+
+    /// <summary>Under the memory lock, at the stop: writes the end image.</summary>
+    public void Finish(IReadOnlyList<(ulong Start, ulong Size, ulong Committed)> regions)
+    {
+        if (Pokes is not null)
+        {
+            WriteImage(TraceFiles.EndSnapshot, regions, PerfDataWriter.Now());
+        }
+    }
+
+    /// <summary>A block became code: its bytes replace the int3 it held since allocation.</summary>
+    public void Published(CodeBlock block, string name)
+    {
+        var code = block.GetExecutableSpan();
+        if (Pokes is not null)
+        {
+            var fill = new byte[code.Length];
+            fill.AsSpan().Fill(0xCC);
+            Pokes.TextPoke(block.Address, fill, code, PerfDataWriter.Now(), LinuxOs.Gettid());
+        }
+
+        Jit?.CodeLoad(block.Address, code, name, LinuxOs.Gettid());
+    }
+
+    /// <summary>Blocks a patch batch changed, as they are now.</summary>
+    public void Patched(IReadOnlyList<(ulong Address, int Length, string Name)> blocks) => Jit?.CodeLoads(blocks, LinuxOs.Gettid());
+
+    /// <summary>Blocks published before the trace started, as they were at its start.</summary>
+    public void Existing(IReadOnlyList<(ulong Address, int Length, string Name)> blocks) => Jit?.CodeLoads(blocks, LinuxOs.Gettid(), StartTime);
+
+    public void RegionReserved(ulong start, ulong size) => Pokes?.Mmap2(start, size, MemfdPageProvider.MapsName, PerfDataWriter.Now());
+
+    public void BlockFreeing(ulong address, ReadOnlySpan<byte> code)
+    {
+        if (Pokes is null)
+        {
+            return;
+        }
+
+        var fill = new byte[code.Length];
+        fill.AsSpan().Fill(0xCC);
+        Pokes.TextPoke(address, code, fill, PerfDataWriter.Now(), LinuxOs.Gettid());
+    }
+
+    public TraceSummary Summary() => new(Directory, [.. _files], Pokes?.TextPokeRecords ?? 0, Jit?.Loads ?? 0);
+
+    public void Dispose()
+    {
+        Pokes?.Dispose();
+        Jit?.Dispose();
+    }
+
+    private void WriteImage(string file, IReadOnlyList<(ulong Start, ulong Size, ulong Committed)> regions, ulong time)
+    {
+        var path = Path.Combine(Directory, file);
+        CodeSnapshot.WriteLive(path, Environment.ProcessId, time, regions);
+        if (!_files.Contains(path))
+        {
+            _files.Add(path);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+using Iced.Intel;
+using Optpoline.Memory;
+using Optpoline.Patcher;
+using Optpoline.Patcher.Tracing;
+using Optpoline.Sites;
+using Optpoline.Stress;
+using Optpoline.Tracing;
+
+namespace Optpoline.Tests.Tracing;
+
+/// <summary>
+/// A trace taken while threads run patched sites replays exactly: the bytes at each record's time are
+/// what the patcher wrote, the end is the live code, and forwards and backwards agree everywhere.
+/// </summary>
+[NonParallelizable]
+public sealed class TraceReplayTests
+{
+    private string _directory = null!;
+
+    [SetUp]
+    public void CreateDirectory() => _directory = Path.Combine(Path.GetTempPath(), $"optpoline-replay-{Environment.ProcessId}-{Guid.NewGuid():N}");
+
+    [TearDown]
+    public void DeleteDirectory()
+    {
+        if (Directory.Exists(_directory))
+        {
+            Directory.Delete(_directory, recursive: true);
+        }
+    }
+
+    [Test]
+    public void Replay_reconstructs_every_change_and_the_live_end_forwards_and_backwards()
+    {
+        using var engine = new OptpolineEngine(new EngineOptions { Memory = new CodeMemoryOptions { RegionSize = 256UL << 10 } });
+        using var workload = new LearningWorkload(engine, siteCount: 24, targetCount: 8);
+        workload.SetPhase([(0, 0.4), (1, 0.3), (2, 0.2), (3, 0.1)], 1);
+        var written = new List<(ulong Address, byte[] Bytes)>();
+        engine.Scheduler.Patcher.BeforeVisible = patches =>
+        {
+            lock (written)
+            {
+                written.AddRange(patches.Select(p => (p.Address, p.Replacement.ToArray())));
+            }
+        };
+
+        workload.Start(callerThreads: 2);
+        try
+        {
+            engine.PromoteAsync([.. workload.Sites.Select((s, j) => new SiteUpdate(s, [workload.TargetFor(j, 0, 1)]))]).Wait();
+            var regionsBefore = engine.Code.RegionCount;
+            engine.StartTracing(new TracingOptions { Directory = _directory });
+
+            // Patches of every kind: 2 slots, then chains (published), then back (chains freed after a grace period).
+            engine.PromoteAsync([.. workload.Sites.Select((s, j) => new SiteUpdate(s, [workload.TargetFor(j, 1, 1), workload.TargetFor(j, 0, 1)]))]).Wait();
+            engine.PromoteAsync([.. workload.Sites.Select((s, j) => new SiteUpdate(s, [.. Enumerable.Range(0, 5).Select(t => workload.TargetFor(j, t, 1))]))]).Wait();
+            engine.PromoteAsync([.. workload.Sites.Take(12).Select(s => new SiteUpdate(s, []))]).Wait();
+
+            // Host code published and freed while tracing, in a region reserved while tracing.
+            var filler = engine.Code.Allocate(200 << 10);
+            var big = engine.Code.RegionCount > regionsBefore ? filler : engine.Code.Allocate(200 << 10);   // no room for two in one region
+
+            Assert.That(engine.Code.RegionCount, Is.GreaterThan(regionsBefore), "the big block needed a new region");
+            new byte[] { 0x55, 0x48, 0x89, 0xE5, 0x5D, 0xC3 }.CopyTo(big.GetWritableSpan());
+            engine.PublishCode(big, "host_big");
+            engine.FreeCode(big);
+            if (filler != big)
+            {
+                engine.FreeCode(filler);
+            }
+            var small = engine.Code.Allocate(64);
+            new byte[] { 0x31, 0xC0, 0xC3 }.CopyTo(small.GetWritableSpan());
+            engine.PublishCode(small, "host_small");
+            engine.PromoteAsync([.. workload.Sites.Select((s, j) => new SiteUpdate(s, [workload.TargetFor(j, 2, 1)]))]).Wait();
+            Assert.That(engine.StopTracing(), Is.Not.Null);
+        }
+        finally
+        {
+            workload.Stop();
+        }
+
+        Assert.That(workload.WrongCalls, Is.Zero);
+        var live = engine.Code.CommittedRegions.Select(r => (r.Start, Bytes: Live(r.Start, (int)r.Committed))).ToList();
+
+        var replay = TraceReplay.Open(_directory);
+        Assert.That(replay.Warnings, Is.Empty);
+        Assert.That(replay.Changes, Has.Count.GreaterThan(written.Count), "patches, publishes and frees");
+        Assert.That(replay.Mmaps.Select(m => m.Address), Is.SupersetOf(live.Select(l => l.Start)), "an MMAP2 for every region, including the one reserved while tracing");
+
+        // Every patch is recorded with the bytes the patcher wrote, and the replay shows them at that time.
+        foreach (var (address, bytes) in written)
+        {
+            var change = replay.Changes.FirstOrDefault(c => c.Address == address && c.New.AsSpan().SequenceEqual(bytes));
+            Assert.That(change, Is.Not.Null, $"a record of the patch at 0x{address:x}");
+            Assert.That(replay.ReadForward(address, bytes.Length, change!.Time), Is.EqualTo(bytes));
+        }
+
+        // At every record's time, forwards and backwards agree on the bytes it changed.
+        foreach (var change in replay.Changes)
+        {
+            var length = change.New.Length;
+            var forward = replay.ReadForward(change.Address, length, change.Time);
+            Assert.That(forward, Is.EqualTo(change.New), $"forward at change 0x{change.Address:x} time {change.Time}");
+            Assert.That(replay.ReadBackward(change.Address, length, change.Time), Is.EqualTo(forward), $"backward at change 0x{change.Address:x}");
+            Assert.That(replay.ReadBackward(change.Address, length, change.Time - 1), Is.EqualTo(replay.ReadForward(change.Address, length, change.Time - 1)), "just before it");
+        }
+
+        // At the end the replay is the live code, whole regions.
+        foreach (var (start, bytes) in live)
+        {
+            Assert.That(replay.ReadForward(start, bytes.Length, replay.LastTime), Is.EqualTo(bytes), $"forward = live, region 0x{start:x}");
+            Assert.That(replay.ReadBackward(start, bytes.Length, replay.Start.Time), Is.EqualTo(replay.ReadForward(start, bytes.Length, replay.Start.Time)), "backward to the start = the start image");
+        }
+
+        Assert.That(replay.Verify(), Is.Empty);
+        Assert.That(replay.NameAt(workload.Sites[0].Address, replay.LastTime), Is.Not.Null, "sites' blocks are named from the jitdump");
+    }
+
+    [Test]
+    public void Every_patch_is_on_disk_before_its_first_byte_makes_it_visible()
+    {
+        using var engine = new OptpolineEngine();
+        var targets = Support.ChecksumCode.EmitTargets(engine, 3);
+        var site = engine.CreateInlineSite(Register.RAX, 2, "visible_site");
+        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        engine.StartTracing(new TracingOptions { Directory = _directory, JitDump = false });
+        var checkedBatches = 0;
+        engine.Scheduler.Patcher.BeforeVisible = patches =>
+        {
+            // The last step has not run: every first byte is still int3. The file must already hold each patch.
+            var onDisk = PerfDataReader.Read(Path.Combine(_directory, TraceFiles.TextPokes)).TextPokes.ToList();
+            foreach (var patch in patches)
+            {
+                Assert.That(Live(patch.Address, 1)[0], Is.EqualTo(0xCC), "still in the int3 window");
+                Assert.That(onDisk.Any(r => r.Address == patch.Address && r.New.AsSpan().SequenceEqual(patch.Replacement.Span) && r.Old.AsSpan().SequenceEqual(patch.Expected.Span)),
+                    Is.True, $"the record of 0x{patch.Address:x} is written before the change can be seen");
+            }
+
+            checkedBatches++;
+        };
+
+        site.Promote([targets[0], targets[1]]);
+        site.Promote([targets[2]]);
+        site.Reset();
+        engine.StopTracing();
+        Assert.That(checkedBatches, Is.GreaterThanOrEqualTo(3));
+    }
+
+    [Test]
+    public void Verify_reports_code_written_without_a_record()
+    {
+        using var engine = new OptpolineEngine();
+        var block = engine.Code.Allocate(64);
+        new byte[] { 0x31, 0xC0, 0xC3 }.CopyTo(block.GetWritableSpan());
+        engine.PublishCode(block, "host_code");
+        engine.StartTracing(new TracingOptions { Directory = _directory, JitDump = false });
+        // The broken variant: the host rewrites published code behind the engine's back.
+        block.GetWritableSpan()[1] = 0xD2;
+        engine.StopTracing();
+
+        var mismatches = TraceReplay.Open(_directory).Verify();
+        Assert.That(mismatches, Has.Count.EqualTo(1));
+        Assert.That(mismatches[0].Address, Is.EqualTo(block.Address + 1));
+        Assert.That(mismatches[0].Length, Is.EqualTo(1));
+    }
+
+    [Test]
+    public void Tracing_set_in_the_options_runs_from_the_start_and_can_be_restarted()
+    {
+        var first = Path.Combine(_directory, "a");
+        var second = Path.Combine(_directory, "b");
+        using var engine = new OptpolineEngine(new EngineOptions { Tracing = new TracingOptions { Directory = first } });
+        Assert.That(engine.TraceDirectory, Is.EqualTo(Path.GetFullPath(first)));
+        var targets = Support.ChecksumCode.EmitTargets(engine, 2);
+        var site = engine.CreateInlineSite(Register.RAX, 1, "restart_site");
+        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        site.Promote([targets[0]]);
+        engine.StartTracing(new TracingOptions { Directory = second, JitDump = false });
+        site.Promote([targets[1]]);
+        var summary = engine.StopTracing()!;
+        Assert.That(engine.TraceDirectory, Is.Null);
+        Assert.That(engine.StopTracing(), Is.Null, "stopping twice is harmless");
+        Assert.That(summary.Files.Select(Path.GetFileName), Is.EquivalentTo(new[] { TraceFiles.TextPokes, TraceFiles.StartSnapshot, TraceFiles.EndSnapshot }));
+
+        var a = TraceReplay.Open(first);
+        var b = TraceReplay.Open(second);
+        Assert.That(a.JitLoads.Select(l => l.Name), Does.Contain("optpoline_thunks").And.Contain("restart_site_miss"));
+        Assert.That(a.Changes.Any(c => c.Address == site.Address), Is.True);
+        Assert.That(a.Verify(), Is.Empty);
+        Assert.That(b.Verify(), Is.Empty);
+        Assert.That(b.ReadForward(site.Address, 2, b.Start.Time), Is.EqualTo(a.ReadForward(site.Address, 2, a.LastTime)), "the second trace starts where the first ended");
+    }
+
+    [Test]
+    public void Bad_tracing_options_are_refused_before_anything_is_written()
+    {
+        using var engine = new OptpolineEngine();
+        Assert.That(() => engine.StartTracing(new TracingOptions { Directory = " " }), Throws.ArgumentException.With.Message.Contains("Directory"));
+        Assert.That(() => engine.StartTracing(new TracingOptions { Directory = _directory, TextPokes = false, JitDump = false }), Throws.ArgumentException.With.Message.Contains("no output"));
+        Assert.That(Directory.Exists(_directory), Is.False);
+        Assert.That(() => engine.PublishCode(new CodeBlock(), "x"), Throws.ArgumentException.With.Message.Contains("not a live block"));
+    }
+
+    private static unsafe byte[] Live(ulong address, int length) => new ReadOnlySpan<byte>((void*)address, length).ToArray();
+}
