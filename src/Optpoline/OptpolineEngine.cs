@@ -611,9 +611,10 @@ public sealed class OptpolineEngine : IDisposable
     /// </summary>
     public void Dispose()
     {
-        StopTracing();
+        // No reload may start tracing or learning again once they are stopped.
         _config?.Dispose();
         BackgroundLearning = false;
+        StopTracing();
         Scheduler.Dispose();
         Code.Dispose();
         _samples?.Dispose();

@@ -126,39 +126,21 @@ public sealed class LiveConfigTests
         File.Move(temporary, _path, overwrite: true);
     }
 
-    private void ApplyFile(string text, OptpolineEngine engine)
-    {
-        using var applied = new ManualResetEventSlim();
-        void OnChanged(object? sender, ConfigChangedEventArgs e)
-        {
-            if (e.Error is null)
-            {
-                applied.Set();
-            }
-        }
+    private void ApplyFile(string text, OptpolineEngine engine) => Assert.That(WriteAndWait(text, engine, rejected: false), Is.Null);
 
-        engine.ConfigChanged += OnChanged;
-        try
-        {
-            Write(text);
-            Assert.That(applied.Wait(TimeSpan.FromSeconds(10)), Is.True, "the watcher applied the change");
-        }
-        finally
-        {
-            engine.ConfigChanged -= OnChanged;
-        }
-    }
+    private string RejectFile(string text, OptpolineEngine engine) => WriteAndWait(text, engine, rejected: true)!;
 
-    private string RejectFile(string text, OptpolineEngine engine)
+    /// <summary>Writes the file and waits for the engine's watcher to apply it (or reject it); returns the error.</summary>
+    private string? WriteAndWait(string text, OptpolineEngine engine, bool rejected)
     {
         string? error = null;
-        using var rejected = new ManualResetEventSlim();
+        using var reported = new ManualResetEventSlim();
         void OnChanged(object? sender, ConfigChangedEventArgs e)
         {
-            if (e.Error is not null)
+            if ((e.Error is not null) == rejected)
             {
                 error = e.Error;
-                rejected.Set();
+                reported.Set();
             }
         }
 
@@ -166,14 +148,14 @@ public sealed class LiveConfigTests
         try
         {
             Write(text);
-            Assert.That(rejected.Wait(TimeSpan.FromSeconds(10)), Is.True, "the watcher reported the bad file");
+            Assert.That(reported.Wait(TimeSpan.FromSeconds(10)), Is.True, rejected ? "the watcher reported the bad file" : "the watcher applied the change");
         }
         finally
         {
             engine.ConfigChanged -= OnChanged;
         }
 
-        return error!;
+        return error;
     }
 
     private static void WaitFor(Func<bool> condition, string what)

@@ -18,6 +18,21 @@ public sealed class DualMappingTests
     }
 
     [Test]
+    public unsafe void Committed_memory_outside_live_blocks_holds_int3()
+    {
+        using var memory = new CodeMemory();
+        var first = memory.Allocate(256);
+        var second = memory.Allocate(256);
+        new byte[256].CopyTo(first.GetWritableSpan());
+        new byte[256].CopyTo(second.GetWritableSpan());
+        memory.Free(first);
+        Assert.That(new ReadOnlySpan<byte>((void*)first.Address, 256).ToArray(), Is.All.EqualTo(0xCC), "a freed block");
+        var (start, _, committed) = memory.CommittedRegions.Single();
+        var tail = new ReadOnlySpan<byte>((void*)(second.Address + 256), (int)(start + committed - second.Address - 256)).ToArray();
+        Assert.That(tail, Is.Not.Empty.And.All.EqualTo(0xCC), "committed pages never handed out");
+    }
+
+    [Test]
     public void Views_are_read_execute_and_read_write_and_no_page_is_both_writable_and_executable()
     {
         using var engine = new OptpolineEngine();

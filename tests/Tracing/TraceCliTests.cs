@@ -43,6 +43,7 @@ public sealed class TraceCliTests
         var changes = TraceReplay.Open(_directory).Changes.Count;
         Assert.That(output, Does.Contain($"{changes} changes:"));
         Assert.That(output.Split('\n').Count(l => l.StartsWith('#')), Is.EqualTo(changes));
+        Assert.That(output.Split('\n').Where(l => l.Contains($"0x{_site:x}", StringComparison.Ordinal) && l.StartsWith('#')), Has.All.Contain(" code_"), "each change names its block, from the jitdump");
     }
 
     [Test]

@@ -85,14 +85,15 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
     public void Published(CodeBlock block, string name)
     {
         var code = block.GetExecutableSpan();
+        var now = PerfDataWriter.Now();   // one time for both records: the block has this name from then on
         if (Pokes is not null)
         {
             var fill = new byte[code.Length];
             fill.AsSpan().Fill(0xCC);
-            Pokes.TextPoke(block.Address, fill, code, PerfDataWriter.Now(), LinuxOs.Gettid());
+            Pokes.TextPoke(block.Address, fill, code, now, LinuxOs.Gettid());
         }
 
-        Jit?.CodeLoad(block.Address, code, name, LinuxOs.Gettid());
+        Jit?.CodeLoad(block.Address, code, name, LinuxOs.Gettid(), now);
     }
 
     /// <summary>Blocks a patch batch changed, as they are now.</summary>

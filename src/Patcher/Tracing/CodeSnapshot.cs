@@ -36,23 +36,10 @@ public sealed class CodeSnapshot
     /// <summary>Writes the snapshot to <paramref name="path"/>.</summary>
     public void Write(string path)
     {
-        using var file = new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.Read);
-        var header = new byte[HeaderSize];
-        "OPTSNAP1"u8.CopyTo(header);
-        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(8), 1);
-        BinaryPrimitives.WriteInt32LittleEndian(header.AsSpan(12), Pid);
-        BinaryPrimitives.WriteUInt64LittleEndian(header.AsSpan(16), Time);
-        BinaryPrimitives.WriteInt32LittleEndian(header.AsSpan(24), Regions.Count);
-        file.Write(header);
-        var entry = new byte[24];
+        using var file = Create(path, Pid, Time, Regions.Count);
         foreach (var region in Regions)
         {
-            BinaryPrimitives.WriteUInt64LittleEndian(entry, region.Start);
-            BinaryPrimitives.WriteUInt64LittleEndian(entry.AsSpan(8), region.Size);
-            BinaryPrimitives.WriteUInt64LittleEndian(entry.AsSpan(16), (ulong)region.Bytes.Length);
-            file.Write(entry);
-            file.Write(region.Bytes);
-            file.Write(new byte[(8 - (region.Bytes.Length % 8)) % 8]);
+            WriteRegion(file, region.Start, region.Size, region.Bytes);
         }
     }
 
@@ -64,26 +51,38 @@ public sealed class CodeSnapshot
     {
         ArgumentNullException.ThrowIfNull(regions);
         var sorted = regions.OrderBy(r => r.Start).ToList();
-        using var file = new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.Read, bufferSize: 0);
-        var header = new byte[HeaderSize];
-        "OPTSNAP1"u8.CopyTo(header);
-        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(8), 1);
-        BinaryPrimitives.WriteInt32LittleEndian(header.AsSpan(12), pid);
-        BinaryPrimitives.WriteUInt64LittleEndian(header.AsSpan(16), time);
-        BinaryPrimitives.WriteInt32LittleEndian(header.AsSpan(24), sorted.Count);
-        file.Write(header);
-        Span<byte> entry = stackalloc byte[24];
-        Span<byte> pad = stackalloc byte[8];
-        pad.Clear();
+        using var file = Create(path, pid, time, sorted.Count);
         foreach (var (start, size, committed) in sorted)
         {
-            BinaryPrimitives.WriteUInt64LittleEndian(entry, start);
-            BinaryPrimitives.WriteUInt64LittleEndian(entry[8..], size);
-            BinaryPrimitives.WriteUInt64LittleEndian(entry[16..], committed);
-            file.Write(entry);
-            file.Write(new ReadOnlySpan<byte>((void*)start, checked((int)committed)));
-            file.Write(pad[..(int)((8 - (committed % 8)) % 8)]);
+            WriteRegion(file, start, size, new ReadOnlySpan<byte>((void*)start, checked((int)committed)));
         }
+    }
+
+    private static FileStream Create(string path, int pid, ulong time, int regions)
+    {
+        var file = new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.Read);
+        Span<byte> header = stackalloc byte[HeaderSize];
+        header.Clear();
+        "OPTSNAP1"u8.CopyTo(header);
+        BinaryPrimitives.WriteUInt32LittleEndian(header[8..], 1);
+        BinaryPrimitives.WriteInt32LittleEndian(header[12..], pid);
+        BinaryPrimitives.WriteUInt64LittleEndian(header[16..], time);
+        BinaryPrimitives.WriteInt32LittleEndian(header[24..], regions);
+        file.Write(header);
+        return file;
+    }
+
+    private static void WriteRegion(FileStream file, ulong start, ulong size, ReadOnlySpan<byte> bytes)
+    {
+        Span<byte> entry = stackalloc byte[24];
+        BinaryPrimitives.WriteUInt64LittleEndian(entry, start);
+        BinaryPrimitives.WriteUInt64LittleEndian(entry[8..], size);
+        BinaryPrimitives.WriteUInt64LittleEndian(entry[16..], (ulong)bytes.Length);
+        file.Write(entry);
+        file.Write(bytes);
+        Span<byte> pad = stackalloc byte[8];
+        pad.Clear();
+        file.Write(pad[..((8 - (bytes.Length % 8)) % 8)]);
     }
 
     /// <summary>Reads the snapshot at <paramref name="path"/>.</summary>

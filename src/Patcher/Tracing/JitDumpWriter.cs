@@ -65,15 +65,15 @@ public sealed class JitDumpWriter : IDisposable
     /// <summary>JIT_CODE_LOAD records written.</summary>
     public ulong Loads => Interlocked.Read(ref _codeIndex);
 
-    /// <summary>Records the code of a block as it is now (at its executable address).</summary>
-    public void CodeLoad(ulong address, ReadOnlySpan<byte> code, string name, int tid)
+    /// <summary>Records the code of a block as it is now (at its executable address), at <paramref name="time"/> (null: now).</summary>
+    public void CodeLoad(ulong address, ReadOnlySpan<byte> code, string name, int tid, ulong? time = null)
     {
         ArgumentNullException.ThrowIfNull(name);
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
             _scratch.ResetWrittenCount();
-            AddCodeLoad(_scratch, address, code, name, tid, PerfDataWriter.Now());
+            AddCodeLoad(_scratch, address, code, name, tid, time ?? PerfDataWriter.Now());
             _file.Write(_scratch.WrittenSpan);
             _file.Flush(flushToDisk: false);
         }
