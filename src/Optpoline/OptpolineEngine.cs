@@ -972,10 +972,13 @@ public sealed class OptpolineEngine : IDisposable
             var effective = QuiescentPatcher.Validate(Code, patches);
             QuiescentPatcher.Apply(Code, effective);
             // Bytes in a block not yet published are recorded when it is (from int3 to all its bytes).
-            var published = effective.Where(p => Code.TryFindBlockStart(p.Address, out var start) && _published.ContainsKey(start)).ToList();
-            if (_tracing?.Pokes is { } pokes && published.Count > 0)
+            if (_tracing?.Pokes is { } pokes)
             {
-                pokes.TextPokes(published, PerfDataWriter.Now(), LinuxOs.Gettid());
+                var published = effective.Where(p => Code.TryFindBlockStart(p.Address, out var start) && _published.ContainsKey(start)).ToList();
+                if (published.Count > 0)
+                {
+                    pokes.TextPokes(published, PerfDataWriter.Now(), LinuxOs.Gettid());
+                }
             }
 
             Republish(effective);

@@ -189,7 +189,17 @@ internal sealed class ConfigBinding : IDisposable
         ApplyTracing(config.Tracing, Current.Tracing, engine);
 
         // Demotions are written before SetPromotionAsync/SetSiteFilterAsync return; wait briefly for the rest.
-        Task.WaitAll([.. pending], TimeSpan.FromSeconds(5));
+        try
+        {
+            if (!Task.WaitAll([.. pending], TimeSpan.FromSeconds(5)))
+            {
+                warnings.Add("some site changes still wait for a grace period (a thread may block the flush signal); they complete or roll back by themselves.");
+            }
+        }
+        catch (AggregateException e)
+        {
+            warnings.Add($"some site changes failed and were rolled back: {e.InnerException?.Message}");
+        }
         if (config.Patching.Suspended)
         {
             engine.PatchingSuspended = true;
@@ -236,7 +246,13 @@ internal sealed class ConfigBinding : IDisposable
         {
             // Reported through LastError and the Changed event; the last good config stays in force.
         }
-        catch (Exception e) when (e is ObjectDisposedException or InvalidOperationException or IOException)
+        catch (ObjectDisposedException)
+        {
+            // The engine is going away.
+        }
+#pragma warning disable CA1031 // A timer callback must never take the host process down; the failure is reported instead.
+        catch (Exception e)
+#pragma warning restore CA1031
         {
             lock (_lock)
             {
