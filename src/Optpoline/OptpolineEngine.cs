@@ -681,6 +681,11 @@ public sealed class OptpolineEngine : IDisposable
                 updates.Add(new SiteUpdate(site, reachable));
             }
 
+            if (_promotion == PromotionMode.Learn && !_patchingSuspended)
+            {
+                PlanDirectSlots(updates);
+            }
+
             var applied = Task.CompletedTask;
             if (updates.Count > 0 && !_patchingSuspended)
             {
@@ -924,6 +929,20 @@ public sealed class OptpolineEngine : IDisposable
         _learningStubs is null ? null : byKey ? _learningStubs.ByKey(register) : _learningStubs.ByReturnAddress(register);
 
     /// <summary>A site's code exists: while learning, its samples (keyed by <paramref name="key"/>) start counting.</summary>
+    /// <summary>Samples keyed by <paramref name="key"/> (another return address of the site's) count for <paramref name="site"/> too.</summary>
+    internal void AddSampleKey(Site site, ulong key)
+    {
+        if (_learner is null)
+        {
+            return;
+        }
+
+        lock (_learnLock)
+        {
+            _sitesByKey.Add(key, site);
+        }
+    }
+
     internal void SiteBound(Site site, ulong key)
     {
         if (_learner is null)
@@ -937,6 +956,52 @@ public sealed class OptpolineEngine : IDisposable
             _sitesById.Add(site);
             _sitesByKey.Add(key, site);
             _learner.AddSite(site.LearningId, site.MaxTargets);
+        }
+    }
+
+    /// <summary>
+    /// Megamorphic inline sites skip their miss path: their first slot jumps straight to its own call,
+    /// which goes to the fallback thunk unsampled. After 4, 8, then every 16 epochs, the call goes to
+    /// the sampling stub instead for one epoch (a rel32 swap, safe at any time), so the learner sees
+    /// whether the site is still megamorphic; a site it stops calling megamorphic leaves the direct state.
+    /// </summary>
+    private void PlanDirectSlots(List<SiteUpdate> updates)
+    {
+        var epoch = _learner!.Epoch;
+        var changing = updates.Select(u => u.Site).ToHashSet();
+        foreach (var site in _sitesById)
+        {
+            if (site is not InlineSite { InlineSlotCount: > 0, IsBound: true } || changing.Contains(site) || site.Slots.Count == 0)
+            {
+                continue;
+            }
+
+            var state = _learner.GetState(site.LearningId);
+            var megamorphic = state is { Mode: "Backoff", Promoted.Count: 0 } && site.Targets.Count == 0 && _siteFilter.Allows(site.Name, out _);
+            var slot = site.Slots[0];
+            var sampling = slot.Direct && slot.CallTarget == site.Tail;
+            if (!megamorphic)
+            {
+                site.DirectSpan = 0;
+                if (slot.Direct && !sampling)
+                {
+                    updates.Add(new SiteUpdate(site, []));
+                }
+                else if (sampling && epoch >= site.DirectUntil + 1)
+                {
+                    updates.Add(new SiteUpdate(site, []));   // the learner has not called it megamorphic again
+                }
+            }
+            else if (!slot.Direct || (sampling && epoch >= site.DirectUntil + 1))
+            {
+                site.DirectSpan = Math.Clamp(site.DirectSpan * 2, 4, 16);
+                site.DirectUntil = epoch + site.DirectSpan;
+                updates.Add(new SiteUpdate(site, []) { DirectCall = site.Fallback });
+            }
+            else if (!sampling && epoch >= site.DirectUntil)
+            {
+                updates.Add(new SiteUpdate(site, []) { DirectCall = site.Tail });
+            }
         }
     }
 

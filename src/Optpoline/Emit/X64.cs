@@ -56,6 +56,25 @@ internal static class X64
         return bytes;
     }
 
+    /// <summary>
+    /// A direct slot's first bytes: <c>jmp short landing</c> (over the compare, to the slot's own call,
+    /// which then goes to the fallback thunk) then int3 over the rest of the movabs.
+    /// </summary>
+    public static byte[] DirectSlot(ulong at, ulong landing)
+    {
+        var distance = (long)landing - (long)(at + 2);
+        if (distance is < MovAbsLength - 2 or > 127)
+        {
+            throw new ArgumentOutOfRangeException(nameof(landing), $"0x{landing:X} is not past the movabs and within a short jump of 0x{at:X}.");
+        }
+
+        var bytes = new byte[MovAbsLength];
+        bytes[0] = 0xEB;
+        bytes[1] = (byte)distance;
+        bytes.AsSpan(2).Fill(Int3);
+        return bytes;
+    }
+
     /// <summary>An empty slot's first bytes: <c>jmp miss</c> then int3 over the rest of the movabs.</summary>
     public static byte[] EmptySlot(ulong at, ulong miss)
     {

@@ -195,6 +195,9 @@ public sealed class InlineSite : Site
         _address = address;
         _boundLength = (int)(done - address);
         Engine.SiteBound(this, OutLink!.Address + X64.Rel32Length);
+
+        // A direct first slot (megamorphic sites) calls the sampling stub from the host code itself.
+        Engine.AddSampleKey(this, slot0.Call + X64.Rel32Length);
     }
 
     private static byte[] Int3s(int count) => Enumerable.Repeat(X64.Int3, count).ToArray();

@@ -118,6 +118,12 @@ public abstract class Site
 
     internal ulong[] Desired { get; set; } = [];
 
+    /// <summary>Learning epochs the first slot stays direct at a time (4, 8, then 16 while the site stays megamorphic).</summary>
+    internal int DirectSpan { get; set; }
+
+    /// <summary>The epoch at which a direct first slot samples again (for one epoch).</summary>
+    internal long DirectUntil { get; set; }
+
     internal PendingRequest? Pending { get; set; }
 
     /// <summary>Where the site's engine-owned code lives (stubs), for audits.</summary>

@@ -20,6 +20,13 @@ internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget
     /// <summary>Promoted target, or 0 when the slot is empty.</summary>
     public ulong Target { get; set; }
 
+    /// <summary>
+    /// Direct (a megamorphic site's first slot): its first bytes jump over the compare to its own call,
+    /// which goes to the fallback thunk, so a call costs one short jump more than the thunk alone
+    /// instead of the whole miss path. <see cref="Target"/> is 0 then.
+    /// </summary>
+    public bool Direct { get; set; }
+
     /// <summary>What the call at <see cref="Call"/> encodes now (dead bytes while empty).</summary>
     public ulong CallTarget { get; set; } = callTarget;
 

@@ -79,9 +79,15 @@ internal sealed class SiteScheduler : IDisposable
             var plan = new Plan();
             try
             {
-                foreach (var (site, targets) in updates)
+                foreach (var update in updates)
                 {
+                    var (site, targets) = update;
                     var desired = targets.ToArray();
+                    if (update.DirectCall != 0)
+                    {
+                        plan.Direct[site] = update.DirectCall;
+                    }
+
                     var outline = desired.Skip(site.InlineSlotCount).ToArray();
                     var chain = site.Chain;
                     if (!(chain?.Targets ?? []).SequenceEqual(outline))
@@ -215,29 +221,47 @@ internal sealed class SiteScheduler : IDisposable
         {
             var slot = site.Slots[i];
             var want = i < desired.Length ? desired[i] : 0;
-            if (slot.Target == want)
+            var directCall = i == 0 && desired.Length == 0 && site is InlineSite ? plan.Direct.GetValueOrDefault(site) : 0;
+            var wantDirect = directCall != 0;
+            if (slot.Target == want && slot.Direct == wantDirect && (!wantDirect || slot.CallTarget == directCall))
             {
                 continue;
             }
 
             var target = slot.Target;
+            var direct = slot.Direct;
             var call = slot.CallTarget;
             var demoted = false;
-            if (target != 0 && !SkipGracePeriod)
+
+            // Leaving a promoted or direct slot: a thread may sit before its call, past the compare (or
+            // jumped there directly), so the call may only change after a grace period.
+            if ((target != 0 || direct) && !SkipGracePeriod)
             {
                 target = 0;
+                direct = false;
                 demoted = true;
             }
 
-            if (want == 0)
+            if (wantDirect)
+            {
+                // Always safe, at once: the call goes to the fallback thunk (or the sampling stub that ends
+                // in it), which jumps to the register, whatever a thread before it compared or skipped.
+                target = 0;
+                direct = true;
+                call = directCall;
+                demoted = false;
+            }
+            else if (want == 0)
             {
                 target = 0;
+                direct = false;
             }
             else if (want == slot.CallTarget || SkipGracePeriod || (slot.DirtyEpoch == Slot.Clean && !demoted))
             {
                 // Safe now: either no thread can be between the compare and the call, or the call already
                 // goes to `want`, which is what a thread stuck there compared against.
                 target = want;
+                direct = false;
                 call = want;
             }
             else
@@ -245,9 +269,9 @@ internal sealed class SiteScheduler : IDisposable
                 pending = true;
             }
 
-            if (target != slot.Target)
+            if (target != slot.Target || direct != slot.Direct)
             {
-                plan.Patches.Add(new LivePatch(new CodePatch(slot.Start, SlotBytes(slot, slot.Target), SlotBytes(slot, target)), TrapAction.ContinueAt(slot.Miss)));
+                plan.Patches.Add(new LivePatch(new CodePatch(slot.Start, SlotBytes(slot, slot.Target, slot.Direct), SlotBytes(slot, target, direct)), TrapAction.ContinueAt(slot.Miss)));
             }
 
             if (call != slot.CallTarget)
@@ -255,10 +279,11 @@ internal sealed class SiteScheduler : IDisposable
                 plan.Patches.Add(new LivePatch(new CodePatch(slot.Call, X64.Rel32(X64.CallRel32, slot.Call, slot.CallTarget), X64.Rel32(X64.CallRel32, slot.Call, call)), TrapAction.ContinueAt(slot.Start)));
             }
 
-            var (newTarget, newCall) = (target, call);
+            var (newTarget, newDirect, newCall) = (target, direct, call);
             plan.Effects.Add(() =>
             {
                 slot.Target = newTarget;
+                slot.Direct = newDirect;
                 slot.CallTarget = newCall;
                 if (demoted)
                 {
@@ -270,14 +295,19 @@ internal sealed class SiteScheduler : IDisposable
                     slot.DirtyEpoch = _epoch;
                 }
             });
-            plan.PatchCounts[site] = plan.PatchCounts.GetValueOrDefault(site) + (target != slot.Target ? 1 : 0) + (call != slot.CallTarget ? 1 : 0);
+            plan.PatchCounts[site] = plan.PatchCounts.GetValueOrDefault(site) + (target != slot.Target || direct != slot.Direct ? 1 : 0) + (call != slot.CallTarget ? 1 : 0);
         }
 
         return pending;
     }
 
-    private static byte[] SlotBytes(Slot slot, ulong target) =>
-        target == 0 ? X64.EmptySlot(slot.Start, slot.Miss) : X64.MovR11(target);
+    /// <summary>
+    /// A slot's first bytes. A direct slot jumps to just after its <c>jne</c>: its call, or the test-only
+    /// pauses before it (which widen the window a grace period must cover).
+    /// </summary>
+    private byte[] SlotBytes(Slot slot, ulong target, bool direct) =>
+        direct ? X64.DirectSlot(slot.Start, slot.Call - (ulong)(2 * _engine.Options.SlotWindowPauses))
+        : target == 0 ? X64.EmptySlot(slot.Start, slot.Miss) : X64.MovR11(target);
 
     private void Apply(Plan plan)
     {
@@ -457,5 +487,8 @@ internal sealed class SiteScheduler : IDisposable
         public Dictionary<Site, ulong[]> OldTargets { get; } = [];
 
         public Dictionary<Site, OutlineChain?> OldChains { get; } = [];
+
+        /// <summary>Sites whose first slot is to be direct, and where its call goes (their desired targets are empty).</summary>
+        public Dictionary<Site, ulong> Direct { get; } = [];
     }
 }
