@@ -99,6 +99,10 @@ public sealed class Learner
         }
     }
 
+    /// <summary>Whether the policy holds <paramref name="site"/> on the fallback as megamorphic (backing off, nothing promoted).</summary>
+    public bool IsMegamorphic(int site) =>
+        _sites.TryGetValue(site, out var s) && s.Mode == Mode.Backoff && s.Promoted.Length == 0;
+
     /// <summary>Where a site stands, for statistics.</summary>
     public SiteLearningState? GetState(int site) =>
         _sites.TryGetValue(site, out var s)

@@ -838,7 +838,7 @@ public sealed class OptpolineEngine : IDisposable
     public void PublishCode(CodeBlock block, string name)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(name);
-        if (!Code.TryFindBlock(block.Address, out var start, out var length) || start != block.Address || length != (ulong)block.Size)
+        if (!IsCurrent(block))
         {
             throw new ArgumentException($"{block} is not a live block of this engine's code memory; allocate it with engine.Code.Allocate.", nameof(block));
         }
@@ -976,8 +976,7 @@ public sealed class OptpolineEngine : IDisposable
                 continue;
             }
 
-            var state = _learner.GetState(site.LearningId);
-            var megamorphic = state is { Mode: "Backoff", Promoted.Count: 0 } && site.Targets.Count == 0 && _siteFilter.Allows(site.Name, out _);
+            var megamorphic = _learner.IsMegamorphic(site.LearningId) && site.Targets.Count == 0 && _siteFilter.Allows(site.Name, out _);
             var slot = site.Slots[0];
             var sampling = slot.Direct && slot.CallTarget == site.Tail;
             if (!megamorphic)

@@ -10,6 +10,9 @@ namespace Optpoline.Configuration;
 /// </summary>
 public static class ConfigFile
 {
+    /// <summary>Every key the config type has, read once from its source-generated metadata.</summary>
+    private static readonly Lazy<HashSet<string>> Known = new(KnownKeys);
+
     /// <summary>The environment variable naming the config file when the host gives none.</summary>
     public const string EnvironmentVariable = "OPTPOLINE_CONFIG";
 
@@ -154,7 +157,7 @@ public static class ConfigFile
     /// </summary>
     private static Dictionary<string, (int Line, int Column)> Scan(ReadOnlySpan<byte> utf8, string path)
     {
-        var known = KnownKeys();
+        var known = Known.Value;
         var places = new Dictionary<string, (int, int)>(StringComparer.Ordinal);
         var reader = new Utf8JsonReader(utf8, new JsonReaderOptions { CommentHandling = JsonCommentHandling.Skip, AllowTrailingCommas = true });
         var stack = new Stack<(string Prefix, bool IsArray, int Index, HashSet<string> Seen)>();

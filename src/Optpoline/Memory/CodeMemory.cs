@@ -283,19 +283,9 @@ public sealed class CodeMemory : ICodeView, IDisposable
     /// <summary>The start and length of the live block containing <paramref name="address"/>, if any.</summary>
     internal bool TryFindBlock(ulong address, out ulong start, out ulong length)
     {
-        lock (_lock)
-        {
-            var region = FindRegion(address, 1);
-            if (region is not null && region.Allocator.TryFindBlock(address - region.Reservation.RxBase, 1, out var offset, out length))
-            {
-                start = region.Reservation.RxBase + offset;
-                return true;
-            }
-
-            start = 0;
-            length = 0;
-            return false;
-        }
+        var found = TryGetBlock(address, out var block);
+        (start, length) = (block.Address, (ulong)block.Size);
+        return found;
     }
 
     /// <inheritdoc/>

@@ -88,9 +88,7 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
         var now = PerfDataWriter.Now();   // one time for both records: the block has this name from then on
         if (Pokes is not null)
         {
-            var fill = new byte[code.Length];
-            fill.AsSpan().Fill(0xCC);
-            Pokes.TextPoke(block.Address, fill, code, now, LinuxOs.Gettid());
+            Pokes.TextPoke(block.Address, Int3s(code.Length), code, now, LinuxOs.Gettid());
         }
 
         Jit?.CodeLoad(block.Address, code, name, LinuxOs.Gettid(), now);
@@ -111,9 +109,7 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
             return;
         }
 
-        var fill = new byte[code.Length];
-        fill.AsSpan().Fill(0xCC);
-        Pokes.TextPoke(address, code, fill, PerfDataWriter.Now(), LinuxOs.Gettid());
+        Pokes.TextPoke(address, code, Int3s(code.Length), PerfDataWriter.Now(), LinuxOs.Gettid());
     }
 
     public TraceSummary Summary() => new(Directory, [.. _files], Pokes?.TextPokeRecords ?? 0, Jit?.Loads ?? 0);
@@ -122,6 +118,14 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
     {
         Pokes?.Dispose();
         Jit?.Dispose();
+    }
+
+    /// <summary>What code memory holds outside live blocks.</summary>
+    private static byte[] Int3s(int length)
+    {
+        var bytes = new byte[length];
+        bytes.AsSpan().Fill(0xCC);
+        return bytes;
     }
 
     private void WriteImage(string file, IReadOnlyList<(ulong Start, ulong Size, ulong Committed)> regions, ulong time)

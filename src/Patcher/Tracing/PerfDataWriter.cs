@@ -127,22 +127,14 @@ public sealed class PerfDataWriter : IDisposable
             if (small)
             {
                 var span = _scratch.GetSpan(total);
-                var sampleId = (ulong)(uint)_pid | ((ulong)(uint)tid << 32);
+                var sampleId = SampleIdOf(tid);
                 var at = 0;
                 for (var i = 0; i < patches.Count; i++)
                 {
                     var patch = patches[i];
                     var length = patch.Length;
                     var size = PokeSize(length, length);
-                    var record = span.Slice(at, size);
-                    BinaryPrimitives.WriteUInt64LittleEndian(record, RecordTextPoke | ((ulong)size << 48));
-                    BinaryPrimitives.WriteUInt64LittleEndian(record[8..], patch.Address);
-                    BinaryPrimitives.WriteUInt32LittleEndian(record[16..], (uint)length | ((uint)length << 16));
-                    patch.Expected.Span.CopyTo(record[20..]);
-                    patch.Replacement.Span.CopyTo(record[(20 + length)..]);
-                    record[(20 + (2 * length))..^16].Clear();
-                    BinaryPrimitives.WriteUInt64LittleEndian(record[^16..], sampleId);
-                    BinaryPrimitives.WriteUInt64LittleEndian(record[^8..], time);
+                    EncodePoke(span.Slice(at, size), patch.Address, patch.Expected.Span, patch.Replacement.Span, sampleId, time);
                     at += size;
                 }
 
@@ -161,6 +153,25 @@ public sealed class PerfDataWriter : IDisposable
             Append(_scratch.WrittenSpan, records, records);
         }
     }
+
+    /// <summary>
+    /// Lays out one PERF_RECORD_TEXT_POKE in <paramref name="record"/> (exactly <see cref="PokeSize"/>
+    /// bytes): header, address, lengths, old and new bytes padded to 8, then sample_id (pid and tid, time).
+    /// </summary>
+    private static void EncodePoke(Span<byte> record, ulong address, ReadOnlySpan<byte> oldBytes, ReadOnlySpan<byte> newBytes, ulong sampleId, ulong time)
+    {
+        BinaryPrimitives.WriteUInt64LittleEndian(record, RecordTextPoke | ((ulong)record.Length << 48));
+        BinaryPrimitives.WriteUInt64LittleEndian(record[8..], address);
+        BinaryPrimitives.WriteUInt32LittleEndian(record[16..], (uint)oldBytes.Length | ((uint)newBytes.Length << 16));
+        oldBytes.CopyTo(record[20..]);
+        newBytes.CopyTo(record[(20 + oldBytes.Length)..]);
+        record[(20 + oldBytes.Length + newBytes.Length)..^16].Clear();
+        BinaryPrimitives.WriteUInt64LittleEndian(record[^16..], sampleId);
+        BinaryPrimitives.WriteUInt64LittleEndian(record[^8..], time);
+    }
+
+    /// <summary>The first 8 bytes of sample_id: pid, then tid.</summary>
+    private ulong SampleIdOf(int tid) => (uint)_pid | ((ulong)(uint)tid << 32);
 
     /// <summary>Bytes of a PERF_RECORD_TEXT_POKE record: header, address, lengths, bytes padded to 8, sample_id.</summary>
     private static int PokeSize(int oldLength, int newLength) => 8 + ((12 + oldLength + newLength + 7) & ~7) + 16;
@@ -184,18 +195,8 @@ public sealed class PerfDataWriter : IDisposable
         {
             var oldPart = oldBytes.Length == newBytes.Length ? oldBytes.Slice(offset, Math.Min(MaxPokeBytes, oldBytes.Length - offset)) : oldBytes;
             var newPart = oldBytes.Length == newBytes.Length ? newBytes.Slice(offset, oldPart.Length) : newBytes;
-            var body = 8 + 2 + 2 + oldPart.Length + newPart.Length;
-            var padded = (body + 7) & ~7;
-            var size = 8 + padded + 16;
-            var span = buffer.GetSpan(size)[..size];
-            Header(span, RecordTextPoke, size);
-            BinaryPrimitives.WriteUInt64LittleEndian(span[8..], address + (ulong)offset);
-            BinaryPrimitives.WriteUInt16LittleEndian(span[16..], (ushort)oldPart.Length);
-            BinaryPrimitives.WriteUInt16LittleEndian(span[18..], (ushort)newPart.Length);
-            oldPart.CopyTo(span[20..]);
-            newPart.CopyTo(span[(20 + oldPart.Length)..]);
-            span[(8 + body)..(8 + padded)].Clear();
-            SampleId(span[(8 + padded)..], tid, time);
+            var size = PokeSize(oldPart.Length, newPart.Length);
+            EncodePoke(buffer.GetSpan(size)[..size], address + (ulong)offset, oldPart, newPart, SampleIdOf(tid), time);
             buffer.Advance(size);
             records++;
             offset += Math.Max(oldPart.Length, newPart.Length);
