@@ -570,7 +570,19 @@ public sealed class OptpolineEngine : IDisposable
     /// </summary>
     public IReadOnlyList<string> AuditCode()
     {
+        // A consistent image: no request is planned and no batch is in flight (a batch's int3 window is
+        // undecodable on purpose), and no chain is retired or freed while it is read.
         var problems = new List<string>();
+        lock (Scheduler.SyncRoot)
+        {
+            Scheduler.Patcher.BetweenBatches(() => AuditLocked(problems));
+        }
+
+        return problems;
+    }
+
+    private void AuditLocked(List<string> problems)
+    {
         problems.AddRange(Check(_thunks.Block, allowIndirect: true));
         if (_learningStubs is not null)
         {
@@ -601,8 +613,6 @@ public sealed class OptpolineEngine : IDisposable
                 problems.AddRange(CodeAudit.Check(bytes, inline.Address).Select(p => $"site '{site.Name}': {p}"));
             }
         }
-
-        return problems;
     }
 
     /// <summary>

@@ -24,6 +24,34 @@ public sealed class StressTests
     }
 
     [Test]
+    public void AuditCode_never_reads_a_batch_in_flight()
+    {
+        // The audit decodes live sites; a batch's int3 window (int3 + new tail) is undecodable on purpose,
+        // so an audit that read one would report a site as corrupt while nothing is wrong.
+        using var engine = new OptpolineEngine();
+        using var workload = new StressWorkload(engine, siteCount: 64);
+        var problems = new List<string>();
+        var audits = 0;
+        var stop = 0;
+        var auditor = new Thread(() =>
+        {
+            while (Volatile.Read(ref stop) == 0 && problems.Count == 0)
+            {
+                problems.AddRange(engine.AuditCode());
+                audits++;
+            }
+        });
+        auditor.Start();
+        var result = workload.Run(callerThreads: 1, TimeSpan.FromSeconds(2));
+        Volatile.Write(ref stop, 1);
+        auditor.Join();
+        TestContext.Out.WriteLine($"{result}; {audits:N0} audits");
+        Assert.That(audits, Is.GreaterThan(10));
+        Assert.That(problems, Is.Empty);
+        Assert.That(result.WrongCalls, Is.Zero);
+    }
+
+    [Test]
     public void The_same_stress_test_catches_a_patcher_without_grace_periods()
     {
         using var engine = new OptpolineEngine(new EngineOptions { SlotWindowPauses = 24, UnsafeSkipGracePeriod = true });
