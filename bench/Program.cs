@@ -7,7 +7,8 @@ namespace Optpoline.Bench;
 /// Entry point: BenchmarkDotNet over every benchmark class (e.g. <c>--filter *CallCost*</c>), or
 /// <c>stress [--seconds N] [--threads N] [--sites N] [--patches N] [--window N]</c> for the long
 /// concurrency run outside the unit suite, or <c>steady [--seconds N] [--sites N]</c> for the learning
-/// no-thrash check (patches after convergence, with the engine's own learner thread).
+/// no-thrash check (patches after convergence, with the engine's own learner thread), or
+/// <c>report [--input JSON] [--output DIR]</c> for bench/results/REPORT.md from a run of Peers.
 /// </summary>
 public static class Program
 {
@@ -22,6 +23,11 @@ public static class Program
         if (args.Length > 0 && args[0] == "steady")
         {
             return Steady(args[1..]);
+        }
+
+        if (args.Length > 0 && args[0] == "report")
+        {
+            return PeersReport.Run(args[1..]);
         }
 
         if (args.Length > 0 && args[0] == "tracecost")
@@ -136,6 +142,12 @@ public static class Program
         Console.WriteLine($"steady: {sites} sites, converged after {converged.TotalSeconds:F1} s ({epochsBefore} epochs, {before:N0} patches, {promoted} sites on 2 targets); " +
                           $"then {seconds} s / {Interlocked.Read(ref epochs) - epochsBefore} epochs: {after - before} patches; {workload.Calls:N0} calls, {workload.WrongCalls} wrong");
         return after == before && workload.WrongCalls == 0 ? 0 : 1;
+    }
+
+    internal static string Option(string[] args, string name, string fallback)
+    {
+        var at = Array.IndexOf(args, name);
+        return at >= 0 && at + 1 < args.Length ? args[at + 1] : fallback;
     }
 
     private static int Option(string[] args, string name, int fallback)

@@ -1,4 +1,4 @@
-using System.Diagnostics;
+using static Optpoline.Tests.Support.ExternalProcess;
 
 namespace Optpoline.Tests.Native;
 
@@ -12,25 +12,13 @@ namespace Optpoline.Tests.Native;
 [Category("Native")]
 public sealed class NativeHostTests
 {
-    private static readonly string Repository = Path.GetFullPath(Path.Combine(TestContext.CurrentContext.TestDirectory, "../../../.."));
     private static readonly string NativeProject = Path.Combine(Repository, "src", "Optpoline.Native");
 
     [Test]
     public void The_C_sample_host_runs_on_the_NativeAOT_library()
     {
-        foreach (var tool in new[] { "gcc", "clang" })
-        {
-            if (Run("sh", $"-c \"command -v {tool}\"", TimeSpan.FromSeconds(10)).Output.Trim().Length == 0)
-            {
-                var hint = $"{tool} is not installed: run scripts/install-prerequisites.sh (NativeAOT links with clang; the sample host builds with gcc).";
-                if (Environment.GetEnvironmentVariable("CI") == "true")
-                {
-                    Assert.Fail(hint);
-                }
-
-                Assert.Ignore(hint);
-            }
-        }
+        Require("gcc", "the sample host builds with gcc");
+        Require("clang", "NativeAOT links with clang");
 
         var directory = Path.Combine(Path.GetTempPath(), $"optpoline-native-{Environment.ProcessId}-{Guid.NewGuid():N}");
         Directory.CreateDirectory(directory);
@@ -55,26 +43,5 @@ public sealed class NativeHostTests
         {
             Directory.Delete(directory, recursive: true);
         }
-    }
-
-    private static (int Code, string Output) Run(string file, string arguments, TimeSpan timeout)
-    {
-        var start = new ProcessStartInfo(file, arguments) { RedirectStandardOutput = true, RedirectStandardError = true };
-        // A nested build must not inherit the test host's MSBuild settings.
-        foreach (var key in start.Environment.Keys.Where(k => k.StartsWith("MSBUILD", StringComparison.OrdinalIgnoreCase) || k.StartsWith("VSTEST", StringComparison.OrdinalIgnoreCase)).ToList())
-        {
-            start.Environment.Remove(key);
-        }
-
-        using var process = Process.Start(start)!;
-        var output = process.StandardOutput.ReadToEndAsync();
-        var error = process.StandardError.ReadToEndAsync();
-        if (!process.WaitForExit(timeout))
-        {
-            process.Kill(entireProcessTree: true);
-            Assert.Fail($"{file} {arguments} did not finish within {timeout}.");
-        }
-
-        return (process.ExitCode, output.Result + error.Result);
     }
 }
