@@ -114,6 +114,50 @@ public sealed class Learner
             : null;
 
     /// <summary>
+    /// The site's learned target histogram, hottest first: the counts its promotion was decided from
+    /// while it is promoted (its hits are not sampled then), else what it counts now. Counts are the
+    /// guaranteed (never overestimated) sample counts; empty for an unknown site.
+    /// </summary>
+    public IReadOnlyList<(ulong Target, double Count)> GetHistogram(int site)
+    {
+        if (!_sites.TryGetValue(site, out var state))
+        {
+            return [];
+        }
+
+        return state.Mode == Mode.Promoted
+            ? state.Decided
+            : [.. state.Ranked().Where(c => c.Guaranteed > 0).Select(c => (c.Target, c.Guaranteed))];
+    }
+
+    /// <summary>
+    /// Gives a learning site the histogram of an earlier run (a saved profile) as if it had sampled it:
+    /// the counts are scaled to 16 x <see cref="LearnerOptions.MinSamples"/> samples in all, past the 8 x
+    /// at which the next <see cref="EndEpoch"/> decides among the well-known targets (those below
+    /// <see cref="LearnerOptions.MinTargetSamples"/> after scaling are noise, as sampled ones are). What
+    /// the site sampled already counts too, and the usual rules correct a profile that no longer fits.
+    /// </summary>
+    /// <returns>False when the site is unknown, not learning (promoted or backing off), or the histogram is empty.</returns>
+    public bool Seed(int site, IReadOnlyList<(ulong Target, double Count)> histogram)
+    {
+        ArgumentNullException.ThrowIfNull(histogram);
+        var counts = histogram.Where(h => h.Target != 0 && h.Count > 0).OrderByDescending(h => h.Count).ThenBy(h => h.Target).ToList();
+        var total = counts.Sum(h => h.Count);
+        if (!_sites.TryGetValue(site, out var state) || state.Mode != Mode.Learning || total <= 0)
+        {
+            return false;
+        }
+
+        var scale = 16 * _options.MinSamples / total;
+        foreach (var (target, count) in counts)
+        {
+            state.Count(target, count * scale);
+        }
+
+        return true;
+    }
+
+    /// <summary>
     /// Ends an epoch: decides for every site from what it has seen, applies the per-site and global
     /// change limits (most valuable changes first; the rest wait), and returns the changes to make.
     /// </summary>
@@ -216,6 +260,7 @@ public sealed class Learner
         }
 
         var targets = usable.Take(count).Select(c => c.Target).ToArray();
+        (ulong, double)[] decided = [.. ranked.Where(c => c.Guaranteed > 0).Select(c => (c.Target, c.Guaranteed))];
 
         // Samples per epoch: a learning site accumulated `total` over the epochs since it was reset; a
         // site in back-off holds decayed counts, whose steady total is the rate / (1 - decay).
@@ -232,6 +277,7 @@ public sealed class Learner
             state.PeriodicCheck = null;
             state.Mode = Mode.Promoted;
             state.Promoted = targets;
+            state.Decided = decided;
             state.Rate = rate;
             state.SettleUntil = Epoch + 1;
 
@@ -316,6 +362,7 @@ public sealed class Learner
         candidates.Add((state, new SiteDecision(id, targets, DecisionReason.Promote), misses, () =>
         {
             state.Promoted = targets;
+            state.Decided = [.. state.Decided, .. extra.Select(c => (c.Target, c.Guaranteed))];
             state.ExpectedMisses = misses * stillMissing;
             state.ExcessEpochs = 0;
             state.SettleUntil = Epoch + 1;
@@ -379,6 +426,9 @@ public sealed class Learner
 
         public ulong[] Promoted { get; set; } = [];
 
+        /// <summary>The counts the promotion was decided from (and the extensions' counts), hottest first.</summary>
+        public (ulong Target, double Count)[] Decided { get; set; } = [];
+
         public ulong[]? PeriodicCheck { get; set; }
 
         public double ExpectedMisses { get; set; }
@@ -407,21 +457,21 @@ public sealed class Learner
 
         public double TotalWeight { get; private set; }
 
-        public void Count(ulong target)
+        public void Count(ulong target, double weight = 1)
         {
-            TotalWeight++;
+            TotalWeight += weight;
             for (var i = 0; i < _used; i++)
             {
                 if (_counters[i].Target == target)
                 {
-                    _counters[i].Weight++;
+                    _counters[i].Weight += weight;
                     return;
                 }
             }
 
             if (_used < _counters.Length)
             {
-                _counters[_used++] = new Counter { Target = target, Weight = 1 };
+                _counters[_used++] = new Counter { Target = target, Weight = weight };
                 return;
             }
 
@@ -435,7 +485,7 @@ public sealed class Learner
                 }
             }
 
-            _counters[min] = new Counter { Target = target, Weight = _counters[min].Weight + 1, Error = _counters[min].Weight };
+            _counters[min] = new Counter { Target = target, Weight = _counters[min].Weight + weight, Error = _counters[min].Weight };
         }
 
         public List<Counter> Ranked() =>

@@ -7,6 +7,7 @@ internal static class Program
         usage: optpoline <verb> ...
 
           run [--seconds N] [--threads N] [--sites N] [--config FILE] [--trace DIR | --no-trace] [--promotion-off]
+              [--save-profile FILE]
                                                  a JIT-like VM with 1000 virtual-call sites on several threads,
                                                  through four phases, against its retpoline twin; 40 s
 
@@ -15,6 +16,17 @@ internal static class Program
                                                  the bytes of WHERE at TIME, disassembled
           trace verify DIR                       replay forwards and backwards and check them against
                                                  each other and the end image
+
+          inspect --pid N | --dump FILE [--json] [--no-code]
+                                                 the engines in a live .NET host or its dump (ClrMD): every site,
+                                                 its state, targets by name, and its current code disassembled
+
+          scan ASSEMBLY... [--merge CONFIG]      [PromoteCalls] / [NeverPromote] members (read from metadata,
+                                                 nothing loaded) as sites.include / sites.exclude patterns;
+                                                 --merge adds them to a config file, keeping the rest of it
+
+          profile merge -o OUT IN...              add up saved profiles (of several runs or machines)
+          profile show  FILE                     every site's targets, hottest first
 
         WHERE: 0xADDRESS[:LENGTH] (LENGTH decimal or 0x hex; default 64) or a block name from the jitdump
         TIME:  start | end | NANOSECONDS (CLOCK_MONOTONIC) | +N[ns|us|ms|s] from the start | #K (the time of change K)
@@ -34,6 +46,9 @@ internal static class Program
         {
             "trace" => TraceCommand.Run(args[1..], output, error),
             "run" => RunCommand.Run(args[1..], output, error),
+            "profile" => ProfileCommand.Run(args[1..], output, error),
+            "scan" => ScanCommand.Run(args[1..], output, error),
+            "inspect" => InspectCommand.Run(args[1..], output, error),
             _ => Fail(error, $"unknown verb '{args[0]}'."),
         };
     }
@@ -53,4 +68,6 @@ internal static class ExitCodes
     public const int Mismatch = 1;
     public const int Usage = 2;
     public const int BadTrace = 3;
+    public const int BadInput = 4;
+    public const int NotFound = 5;
 }

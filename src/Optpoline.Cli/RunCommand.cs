@@ -36,6 +36,7 @@ internal static unsafe class RunCommand
                     case "--trace": options.Trace = Next(); break;
                     case "--no-trace": options.Trace = null; options.NoTrace = true; break;
                     case "--promotion-off": options.PromotionOff = true; break;
+                    case "--save-profile": options.SaveProfile = Next(); break;
                     default: return Program.Fail(error, $"run: unexpected argument '{args[i]}'.");
                 }
             }
@@ -179,6 +180,18 @@ internal static unsafe class RunCommand
         output.WriteLine();
         output.WriteLine($"calls: {state.TotalCalls:N0} checked, {state.Wrong} wrong results; patches {stats.Patches:N0} in {stats.Batches:N0} batches, " +
                          $"{stats.Flushes} grace periods, {stats.TrapHits} calls through a trap");
+        if (options.SaveProfile is not null)
+        {
+            // What the last phase taught the learner: a config with learning.profile starts from it.
+            var (saved, _) = engine.SaveProfile(options.SaveProfile);
+            output.WriteLine($"profile: {saved} sites saved to {options.SaveProfile}");
+        }
+
+        if (engine.Profile.Path is not null)
+        {
+            output.WriteLine(engine.Profile.ToString());
+        }
+
         if (summary is not null)
         {
             output.WriteLine($"trace: {summary.Directory} ({summary.TextPokes:N0} text pokes, {summary.JitLoads:N0} jitdump loads); " +
@@ -248,6 +261,8 @@ internal static unsafe class RunCommand
         public bool NoTrace { get; set; }
 
         public bool PromotionOff { get; set; }
+
+        public string? SaveProfile { get; set; }
     }
 
     /// <summary>What the coordinator and the VM threads share.</summary>

@@ -5,6 +5,7 @@ using Iced.Intel;
 using Optpoline.Configuration;
 using Optpoline.Memory;
 using Optpoline.Patcher;
+using Optpoline.Profiles;
 using Optpoline.Sites;
 
 namespace Optpoline.Native;
@@ -24,6 +25,7 @@ internal static unsafe class Exports
     private const int ErrReach = -5;
     private const int ErrTimeout = -6;
     private const int ErrSys = -7;
+    private const int ErrProfile = -8;
 
     private static readonly ConcurrentDictionary<nint, EngineEntry> Engines = new();
     private static readonly byte* Empty = (byte*)NativeMemory.AllocZeroed(1);
@@ -153,6 +155,20 @@ internal static unsafe class Exports
     [UnmanagedCallersOnly(EntryPoint = "opt_learn_epoch")]
     public static int LearnEpoch(nint engine) => With(engine, e => e.Engine.LearnEpoch());
 
+    [UnmanagedCallersOnly(EntryPoint = "opt_save_profile")]
+    public static int SaveProfile(nint engine, byte* path) => With(engine, e =>
+    {
+        Require(path != null, "path is NULL.");
+        e.Engine.SaveProfile(Marshal.PtrToStringUTF8((nint)path)!);
+    });
+
+    [UnmanagedCallersOnly(EntryPoint = "opt_load_profile")]
+    public static int LoadProfile(nint engine, byte* path) => With(engine, e =>
+    {
+        Require(path != null, "path is NULL.");
+        e.Engine.LoadProfile(Marshal.PtrToStringUTF8((nint)path)!);
+    });
+
     [UnmanagedCallersOnly(EntryPoint = "opt_set_promotion")]
     public static int SetPromotion(nint engine, int enabled) => With(engine, e =>
     {
@@ -213,6 +229,7 @@ internal static unsafe class Exports
     private static int CodeOf(Exception e) => e switch
     {
         ConfigException => ErrConfig,
+        ProfileException => ErrProfile,
         TargetOutOfReachException => ErrReach,
         PatchTimeoutException => ErrTimeout,
         CodeMemoryExhaustedException or OutOfMemoryException or InsufficientExecutionStackException => ErrNoMem,

@@ -27,7 +27,8 @@ enum {
     OPT_ERR_CONFIG = -4,   /* the config file is invalid; the message says PATH:LINE:COLUMN: what */
     OPT_ERR_REACH = -5,    /* a target is out of direct-call reach of the site; nothing changed */
     OPT_ERR_TIMEOUT = -6,  /* a grace period timed out (a thread blocks signals); the change was rolled back */
-    OPT_ERR_SYS = -7       /* the operating system refused (mmap, files, signals) */
+    OPT_ERR_SYS = -7,      /* the operating system refused (mmap, files, signals) */
+    OPT_ERR_PROFILE = -8   /* a profile file cannot be read or written, or is not a profile */
 };
 
 typedef struct opt_site_stats {
@@ -74,6 +75,10 @@ int opt_site_get_stats(opt_engine *engine, opt_site *site, opt_site_stats *stats
 
 /* One learning + patching epoch, synchronously (for learning.background = false). */
 int opt_learn_epoch(opt_engine *engine);
+/* Writes what the learner learned (per site name, target histograms) to path, for a restarted host. */
+int opt_save_profile(opt_engine *engine, const char *path);
+/* Reads a profile: the sites it names promote at their next epoch. Stale entries are ignored. */
+int opt_load_profile(opt_engine *engine, const char *path);
 /* enabled 0: demote every site and refuse promotions; 1: back to the config's promotion.mode. */
 int opt_set_promotion(opt_engine *engine, int enabled);
 /* suspended 1: no site changes at all; 0: resume. */

@@ -250,6 +250,14 @@ int main(int argc, char **argv)
     atomic_store(&phase, 2);
     expect(wait_for(&targets[3], 1, 5000), "promotion back on, phase mono: every site learns target 3");
 
+    char profile[4096];
+    snprintf(profile, sizeof profile, "%s.profile", config);
+    CHECK(opt_save_profile(engine, profile));
+    expect(opt_load_profile(engine, "/nonexistent/optpoline.profile") == OPT_ERR_PROFILE, "a missing profile is refused");
+    printf("  (%s)\n", opt_last_error());
+    CHECK(opt_load_profile(engine, profile));
+    remove(profile);
+
     CHECK(opt_set_promotion(engine, 0));
     expect(sites_promoted_to(NULL, 0) == 2 * SITES, "opt_set_promotion(0) demotes every site");
     expect(opt_site_promote(engine, sites[0][0], &targets[0], 1) == OPT_ERR_STATE, "and refuses explicit promotions");

@@ -28,7 +28,7 @@ namespace Optpoline;
 /// site.Promote([hotTarget]);        // safe while other threads run the code
 /// </code>
 /// </example>
-public sealed class OptpolineEngine : IDisposable
+public sealed partial class OptpolineEngine : IDisposable
 {
     private readonly ThunkTable _thunks;
     private readonly List<Site> _sites = [];
@@ -661,6 +661,7 @@ public sealed class OptpolineEngine : IDisposable
                 }
             });
 
+            ApplyProfileLocked();
             _learner.Suspended = _patchingSuspended || _promotion != PromotionMode.Learn;
             var decisions = _learner.EndEpoch();
             var updates = new List<SiteUpdate>(decisions.Count);

@@ -44,7 +44,7 @@ public sealed class ConfigFileTests
         var fromSample = ConfigFile.Load(sample);
         Assert.That(ConfigFile.Serialize(fromSample), Is.EqualTo(ConfigFile.Serialize(defaults)), "the sample holds the defaults");
         var text = File.ReadAllText(sample);
-        foreach (var key in new[] { "enabled", "mode", "fallback", "inlineSlots", "background", "samplePeriod", "epochMilliseconds", "ringCapacity", "suspended", "flushTimeoutMilliseconds", "include", "exclude", "directory", "textPokes", "jitDump" })
+        foreach (var key in new[] { "enabled", "mode", "fallback", "inlineSlots", "background", "samplePeriod", "epochMilliseconds", "ringCapacity", "profile", "suspended", "flushTimeoutMilliseconds", "include", "exclude", "directory", "textPokes", "jitDump" })
         {
             Assert.That(text, Does.Contain($"\"{key}\""), $"the sample documents {key}");
         }

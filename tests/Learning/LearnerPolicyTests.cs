@@ -229,6 +229,23 @@ public sealed class LearnerPolicyTests
 
     private static (ulong Target, int Count)[] Mono(ulong target) => [(target, PerEpoch)];
 
+    [Test]
+    public void A_seeded_site_promotes_at_the_next_epoch_without_samples_and_keeps_its_histogram()
+    {
+        var learner = new Learner();
+        learner.AddSite(Site, 8);
+        Assert.That(learner.Seed(Site, [(0xA, 900), (0xB, 100), (0xC, 1)]), Is.True);
+        var decisions = learner.EndEpoch();
+        Assert.That(decisions, Has.Count.EqualTo(1), learner.GetState(Site)?.ToString());
+        Assert.That(decisions[0].Targets, Is.EqualTo(new ulong[] { 0xA, 0xB }), "C (1 in 1001, below the noise floor after scaling) is left out");
+        var histogram = learner.GetHistogram(Site);
+        Assert.That(histogram.Select(h => h.Target), Is.EqualTo(new ulong[] { 0xA, 0xB, 0xC }));
+        Assert.That(histogram.Sum(h => h.Count), Is.EqualTo(256).Within(1e-9), "scaled to 16 x MinSamples");
+        Assert.That(learner.Seed(Site, [(0xD, 10)]), Is.False, "a promoted site is not seeded again");
+        Assert.That(learner.Seed(Site + 1, [(0xD, 10)]), Is.False, "an unknown site");
+        Assert.That(learner.GetHistogram(Site + 1), Is.Empty);
+    }
+
     private static (ulong Target, int Count)[] Mix(params (ulong Target, int Count)[] parts) => parts;
 
     /// <summary>Only misses are sampled: calls to promoted targets disappear from the stream.</summary>

@@ -28,6 +28,7 @@ internal sealed class ConfigBinding : IDisposable
     private readonly Timer _timer;
     private readonly Lock _lock = new();
     private bool _disposed;
+    private string? _profile;
 
     public ConfigBinding(OptpolineEngine engine, string? path, OptpolineConfig config)
     {
@@ -184,6 +185,7 @@ internal sealed class ConfigBinding : IDisposable
             engine.SamplePeriod = config.Learning.SamplePeriod;
             engine.EpochInterval = TimeSpan.FromMilliseconds(config.Learning.EpochMilliseconds);
             engine.BackgroundLearning = config.Learning.Background;
+            ApplyProfile(config.Learning.Profile, engine, warnings);
         }
 
         ApplyTracing(config.Tracing, Current.Tracing, engine);
@@ -206,6 +208,22 @@ internal sealed class ConfigBinding : IDisposable
         }
 
         return warnings;
+    }
+
+    /// <summary>Loads <c>learning.profile</c> when it names another file than the one loaded last.</summary>
+    private void ApplyProfile(string? wanted, OptpolineEngine engine, List<string> warnings)
+    {
+        var target = wanted is null ? null : System.IO.Path.GetFullPath(wanted, System.IO.Path.GetDirectoryName(Path) ?? Environment.CurrentDirectory);
+        if (target == _profile)
+        {
+            return;
+        }
+
+        _profile = target;
+        if (target is not null && !engine.TryLoadProfile(target, out _, out var error))
+        {
+            warnings.Add($"learning.profile: {error}; learning starts from scratch.");
+        }
     }
 
     private void ApplyTracing(TracingConfig wanted, TracingConfig previous, OptpolineEngine engine)

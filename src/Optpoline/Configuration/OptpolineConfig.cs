@@ -55,6 +55,14 @@ public sealed class LearningConfig
 
     /// <summary><c>learning.ringCapacity</c>: samples per CPU ring between epochs (64 to 16777216). Read when the engine is created. Default 16384.</summary>
     public int RingCapacity { get; set; } = 16384;
+
+    /// <summary>
+    /// <c>learning.profile</c>: a profile (<see cref="OptpolineEngine.SaveProfile"/>) to start from, so
+    /// that sites promote at their first epoch; relative to the config file's directory. Loaded when the
+    /// engine is created and again whenever the value changes; a file that cannot be read is reported in
+    /// <see cref="OptpolineEngine.ConfigWarnings"/> and learning starts from scratch. Default null.
+    /// </summary>
+    public string? Profile { get; set; }
 }
 
 /// <summary>The <c>patching</c> section.</summary>

@@ -5,8 +5,8 @@ namespace Optpoline.Memory;
 /// <summary>Reads /proc/self/maps: the mapped ranges, and the main executable's code.</summary>
 internal static class ProcMaps
 {
-    /// <summary>One line of /proc/self/maps.</summary>
-    internal readonly record struct Mapping(ulong Start, ulong End, string Permissions, string Path);
+    /// <summary>One line of /proc/self/maps (<paramref name="FileOffset"/>: where in the file it starts).</summary>
+    internal readonly record struct Mapping(ulong Start, ulong End, string Permissions, string Path, ulong FileOffset = 0);
 
     public static List<Mapping> Read()
     {
@@ -22,7 +22,8 @@ internal static class ProcMaps
             var dash = parts[0].IndexOf('-', StringComparison.Ordinal);
             var start = ulong.Parse(parts[0].AsSpan(0, dash), NumberStyles.HexNumber, CultureInfo.InvariantCulture);
             var end = ulong.Parse(parts[0].AsSpan(dash + 1), NumberStyles.HexNumber, CultureInfo.InvariantCulture);
-            result.Add(new Mapping(start, end, parts[1], parts.Length > 5 ? parts[5].Trim() : string.Empty));
+            var offset = ulong.Parse(parts[2], NumberStyles.HexNumber, CultureInfo.InvariantCulture);
+            result.Add(new Mapping(start, end, parts[1], parts.Length > 5 ? parts[5].Trim() : string.Empty, offset));
         }
 
         result.Sort((a, b) => a.Start.CompareTo(b.Start));
