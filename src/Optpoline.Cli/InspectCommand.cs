@@ -60,7 +60,7 @@ internal static class InspectCommand
             foreach (var site in engine.Sites)
             {
                 var targets = site.Targets.Count == 0 ? "-" : string.Join(", ", site.Targets.Select(t => t.Name ?? t.Address));
-                output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {site.Name,-24} {site.Kind,-7} {site.Register,-4} {site.State,-22} {site.Samples,10} {site.Patches,8} {site.Unreachable,7}  {targets}"));
+                output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {site.Name,-24} {site.Kind,-7} {site.Register,-4} {site.State,-22} {site.Samples,10} {site.Patches,8} {site.Unreachable.Count,7}  {targets}"));
             }
 
             if (!withCode)
@@ -72,6 +72,11 @@ internal static class InspectCommand
             {
                 output.WriteLine();
                 output.WriteLine($"  {site.Name}:");
+                if (site.Unreachable.Count > 0)
+                {
+                    output.WriteLine($"    out of direct reach: {string.Join(", ", site.Unreachable.Select(t => t.Name ?? t.Address))}");
+                }
+
                 foreach (var code in site.Code)
                 {
                     output.WriteLine($"    {code.What} at {code.Address} ({code.Length} bytes)");

@@ -108,6 +108,28 @@ public sealed class InspectTests
         }
     }
 
+    [Test]
+    public void Targets_out_of_direct_reach_are_listed_with_their_native_names()
+    {
+        // This test process is the host: a libc function is far from engine memory, so promoting it is
+        // refused and counted; inspect (a child process) finds the site on this heap and names the target.
+        using var engine = new OptpolineEngine();
+        var site = engine.CreateOutlineSite(Iced.Intel.Register.RAX, "inspect_unreachable_site");
+        var getpid = (ulong)NativeLibrary.GetExport(NativeLibrary.Load("libc.so.6"), "getpid");
+        Assume.That(site.TryPromote([getpid], out _), Is.False, "libc is out of rel32 reach of engine memory here");
+        var (code, output, error) = Cli("inspect", "--pid", Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture), "--json", "--no-code");
+        Assert.That(code, Is.Zero, error);
+        var found = JsonDocument.Parse(output).RootElement.GetProperty("engines").EnumerateArray()
+            .SelectMany(e => e.GetProperty("sites").EnumerateArray())
+            .Single(s => s.GetProperty("name").GetString() == "inspect_unreachable_site");
+        Assert.That(found.GetProperty("kind").GetString(), Is.EqualTo("outline"));
+        Assert.That(found.GetProperty("state").GetString(), Is.EqualTo("fallback"));
+        var unreachable = found.GetProperty("unreachable").EnumerateArray().Single();
+        Assert.That(unreachable.GetProperty("address").GetString(), Is.EqualTo($"0x{getpid:X}"));
+        Assert.That(unreachable.GetProperty("name").GetString(), Does.Match("^libc\\.so\\.6!.*getpid$"));
+        GC.KeepAlive(site);
+    }
+
     private static void Check(JsonElement engine)
     {
         var sites = engine.GetProperty("sites").EnumerateArray().ToList();

@@ -195,8 +195,7 @@ internal sealed class EngineInspector : IDisposable
             state += ", pending";
         }
 
-        var unreachable = site.ReadObjectField("_unreachable");
-        var unreachableCount = unreachable.IsNull ? 0 : unreachable.ReadField<int>("_count") - unreachable.ReadField<int>("_freeCount");
+        var unreachable = SetValues(site.ReadObjectField("_unreachable")).Order().ToList();
         var code = new List<CodeReport>();
         if (kind == "inline" && site.ReadField<ulong>("_address") is var address and not 0)
         {
@@ -224,7 +223,7 @@ internal sealed class EngineInspector : IDisposable
             [.. desired.Select(t => new TargetReport($"0x{t:X}", Symbols.Name(t)))],
             site.ReadField<long>("_samples"),
             site.ReadField<long>("_patches"),
-            unreachableCount,
+            [.. unreachable.Select(t => new TargetReport($"0x{t:X}", Symbols.Name(t)))],
             code);
     }
 
@@ -252,7 +251,33 @@ internal sealed class EngineInspector : IDisposable
 
     private static T[] ArrayValues<T>(ClrObject array)
         where T : unmanaged =>
-        array.IsNull ? [] : array.AsArray().ReadValues<T>(0, array.AsArray().Length) ?? [];
+        array.IsNull || array.AsArray().Length == 0 ? [] : array.AsArray().ReadValues<T>(0, array.AsArray().Length) ?? [];
+
+    /// <summary>The values of a <c>HashSet&lt;ulong&gt;</c> (live entries have next >= -1, as in a dictionary).</summary>
+    private static IEnumerable<ulong> SetValues(ClrObject set)
+    {
+        if (set.IsNull)
+        {
+            yield break;
+        }
+
+        var entries = set.ReadObjectField("_entries");
+        if (entries.IsNull)
+        {
+            yield break;
+        }
+
+        var count = set.ReadField<int>("_count");
+        var entryType = entries.Type!.ComponentType!;
+        for (var i = 0; i < count; i++)
+        {
+            var entry = ClrValueType.FromAddress(entries.Type.GetArrayElementAddress(entries.Address, i), entryType);
+            if (entry.ReadField<int>("Next") >= -1)
+            {
+                yield return entry.ReadField<ulong>("Value");
+            }
+        }
+    }
 
     private static IEnumerable<(ulong Key, ClrValueType Value)> DictionaryValues(ClrObject dictionary)
     {

@@ -9,9 +9,9 @@ internal sealed record InspectReport(string Source, IReadOnlyList<EngineReport> 
 internal sealed record EngineReport(string Address, string Promotion, bool PatchingSuspended, IReadOnlyList<SiteReport> Sites);
 
 /// <summary>One site as it stands in the target.</summary>
-internal sealed record SiteReport(string Name, string Kind, string Register, string State, IReadOnlyList<TargetReport> Targets, long Samples, long Patches, int Unreachable, IReadOnlyList<CodeReport> Code);
+internal sealed record SiteReport(string Name, string Kind, string Register, string State, IReadOnlyList<TargetReport> Targets, long Samples, long Patches, IReadOnlyList<TargetReport> Unreachable, IReadOnlyList<CodeReport> Code);
 
-/// <summary>A promoted target, and its name in the target process (null when nothing names it).</summary>
+/// <summary>A target (promoted, or refused as out of direct reach), and its name in the target process (null when nothing names it).</summary>
 internal sealed record TargetReport(string Address, string? Name);
 
 /// <summary>A piece of a site's code, disassembled from the target's memory.</summary>
