@@ -10,7 +10,8 @@ namespace Optpoline.Tests.Diagnostics;
 /// sites), inspects it live with ClrMD (from another process, as a user would) and through a dump that
 /// createdump writes, and
 /// checks the site list, the names of the promoted targets and the disassembled site code; then the
-/// error cases: no such process, no such file, a file that is not a dump, a .NET process without an engine.
+/// error cases: no such process, no such file, a file that is not a dump, a .NET process (and a dump of
+/// one) without an engine.
 /// </summary>
 [NonParallelizable]
 [Category("Native")]
@@ -100,6 +101,14 @@ public sealed class InspectTests
             (code, _, error) = Cli("inspect", "--pid", idle.Id.ToString(System.Globalization.CultureInfo.InvariantCulture));
             Assert.That(code, Is.EqualTo(5), error);
             Assert.That(error, Does.Contain($"process {idle.Id} has no Optpoline engine"));
+
+            // And a dump of it.
+            var dump = Path.Combine(_directory, "idle.dmp");
+            var written = ExternalProcess.Run(CreateDump, $"--withheap -f \"{dump}\" {idle.Id}", TimeSpan.FromMinutes(1));
+            Assert.That(written.Code, Is.Zero, written.Output);
+            (code, _, error) = Cli("inspect", "--dump", dump);
+            Assert.That(code, Is.EqualTo(5), error);
+            Assert.That(error, Does.Contain("idle.dmp has no Optpoline engine"));
         }
         finally
         {
