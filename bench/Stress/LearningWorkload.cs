@@ -5,7 +5,7 @@ using Optpoline.Sites;
 namespace Optpoline.Stress;
 
 /// <summary>
-/// Many inline sites (two slots each) on RAX in one native loop, run by caller threads, with the target
+/// Many inline sites (two slots each, or as many as asked) on RAX in one native loop, run by caller threads, with the target
 /// distribution of every site set per phase by rewriting the tables the loop reads. Every target checks
 /// that RAX holds its own address, so a wrong call is counted. Shared by the learning tests and bench.
 /// </summary>
@@ -21,7 +21,7 @@ public sealed unsafe class LearningWorkload : IDisposable
     private long _wrong;
     private volatile bool _stop;
 
-    public LearningWorkload(OptpolineEngine engine, int siteCount, int targetCount = 300)
+    public LearningWorkload(OptpolineEngine engine, int siteCount, int targetCount = 300, int inlineSlots = 2)
     {
         ArgumentNullException.ThrowIfNull(engine);
         Targets = [.. Enumerable.Range(0, targetCount).Select(_ => CheckingTarget.Emit(engine, Register.RAX))];
@@ -29,7 +29,7 @@ public sealed unsafe class LearningWorkload : IDisposable
         var sites = new List<InlineSite>(siteCount);
         _loop = SiteLoop.Emit(engine, siteCount, TableLength, _ => Register.RAX, (asm, j) =>
         {
-            var site = engine.CreateInlineSite(Register.RAX, 2, $"learn{j}");
+            var site = engine.CreateInlineSite(Register.RAX, inlineSlots, $"learn{j}");
             site.Emit(asm);
             sites.Add(site);
         });

@@ -7,7 +7,7 @@ internal static class Program
         usage: optpoline <verb> ...
 
           run [--seconds N] [--threads N] [--sites N] [--config FILE] [--trace DIR | --no-trace] [--promotion-off]
-              [--save-profile FILE]
+              [--inline-slots 0..2] [--save-profile FILE]
                                                  a JIT-like VM with 1000 virtual-call sites on several threads,
                                                  through four phases, against its retpoline twin; 40 s
 

@@ -37,6 +37,7 @@ internal static unsafe class RunCommand
                     case "--no-trace": options.Trace = null; options.NoTrace = true; break;
                     case "--promotion-off": options.PromotionOff = true; break;
                     case "--save-profile": options.SaveProfile = Next(); break;
+                    case "--inline-slots": options.InlineSlots = int.Parse(Next(), CultureInfo.InvariantCulture); break;
                     default: return Program.Fail(error, $"run: unexpected argument '{args[i]}'.");
                 }
             }
@@ -50,9 +51,9 @@ internal static unsafe class RunCommand
             }
         }
 
-        if (options.Threads is < 1 or > 64 || options.Seconds is < 4 or > 600 || options.Sites is < 1 or > 10000)
+        if (options.Threads is < 1 or > 64 || options.Seconds is < 4 or > 600 || options.Sites is < 1 or > 10000 || options.InlineSlots is < 0 or > 2)
         {
-            return Program.Fail(error, "run: --threads is 1 to 64, --seconds 4 to 600, --sites 1 to 10000.");
+            return Program.Fail(error, "run: --threads is 1 to 64, --seconds 4 to 600, --sites 1 to 10000, --inline-slots 0 to 2.");
         }
 
         OptpolineEngine engine;
@@ -102,7 +103,7 @@ internal static unsafe class RunCommand
         output.WriteLine($"optpoline run: {options.Sites} virtual-call sites, {Classes} classes, {options.Threads} threads, {options.Seconds:F0} s; " +
                          $"promotion {(engine.Promotion == PromotionMode.Off ? "off" : engine.Promotion.ToString().ToLowerInvariant())}" +
                          (engine.TraceDirectory is { } t ? $", tracing to {t}" : ", no trace"));
-        using var vm = new MiniVm(engine, Classes, options.Sites);
+        using var vm = new MiniVm(engine, Classes, options.Sites, options.InlineSlots);
         var random = new Random(2026);
         int Home(int site) => (site * 7) % Classes;
         var phases = new[]
@@ -263,6 +264,8 @@ internal static unsafe class RunCommand
         public bool PromotionOff { get; set; }
 
         public string? SaveProfile { get; set; }
+
+        public int InlineSlots { get; set; }
     }
 
     /// <summary>What the coordinator and the VM threads share.</summary>

@@ -971,8 +971,9 @@ public sealed partial class OptpolineEngine : IDisposable
     }
 
     /// <summary>
-    /// Megamorphic inline sites skip their miss path: their first slot jumps straight to its own call,
-    /// which goes to the fallback thunk unsampled. After 4, 8, then every 16 epochs, the call goes to
+    /// Megamorphic sites skip their miss path: an inline site's first slot jumps straight to its own
+    /// call, which goes to the fallback thunk unsampled; a site without inline slots links straight to
+    /// the thunk. After 4, 8, then every 16 epochs, the call goes to
     /// the sampling stub instead for one epoch (a rel32 swap, safe at any time), so the learner sees
     /// whether the site is still megamorphic; a site it stops calling megamorphic leaves the direct state.
     /// </summary>
@@ -982,18 +983,20 @@ public sealed partial class OptpolineEngine : IDisposable
         var changing = updates.Select(u => u.Site).ToHashSet();
         foreach (var site in _sitesById)
         {
-            if (site is not InlineSite { InlineSlotCount: > 0, IsBound: true } || changing.Contains(site) || site.Slots.Count == 0)
+            // Inline sites go direct through their first slot, sites without inline slots through their out link.
+            var slotted = site.InlineSlotCount > 0;
+            if (!site.IsBound || changing.Contains(site) || (slotted && (site is not InlineSite || site.Slots.Count == 0)))
             {
                 continue;
             }
 
             var megamorphic = _learner.IsMegamorphic(site.LearningId) && site.Targets.Count == 0 && _siteFilter.Allows(site.Name, out _);
-            var slot = site.Slots[0];
-            var sampling = slot.Direct && slot.CallTarget == site.Tail;
+            var direct = slotted ? site.Slots[0].Direct : site.DirectLink;
+            var sampling = direct && (slotted ? site.Slots[0].CallTarget : site.OutLink!.Target) == site.Tail;
             if (!megamorphic)
             {
                 site.DirectSpan = 0;
-                if (slot.Direct && !sampling)
+                if (direct && !sampling)
                 {
                     updates.Add(new SiteUpdate(site, []));
                 }
@@ -1002,7 +1005,7 @@ public sealed partial class OptpolineEngine : IDisposable
                     updates.Add(new SiteUpdate(site, []));   // the learner has not called it megamorphic again
                 }
             }
-            else if (!slot.Direct || (sampling && epoch >= site.DirectUntil + 1))
+            else if (!direct || (sampling && epoch >= site.DirectUntil + 1))
             {
                 site.DirectSpan = Math.Clamp(site.DirectSpan * 2, 4, 16);
                 site.DirectUntil = epoch + site.DirectSpan;

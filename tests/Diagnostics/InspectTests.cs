@@ -34,7 +34,7 @@ public sealed class InspectTests
     [Test]
     public void A_live_host_and_its_dump_show_every_site_with_named_targets_and_code()
     {
-        using var host = Start("run", "--seconds", "120", "--sites", "16", "--threads", "1", "--no-trace");
+        using var host = Start("run", "--seconds", "120", "--sites", "16", "--threads", "1", "--no-trace", "--inline-slots", "2");
         try
         {
             // Live: wait until the host's learner promoted every site (its first phase is monomorphic).
@@ -61,7 +61,7 @@ public sealed class InspectTests
 
             // A dump of it, read without the process.
             var dump = Path.Combine(_directory, "host.dmp");
-            var written = ExternalProcess.Run(CreateDump, $"--withheap -f \"{dump}\" {host.Id}", TimeSpan.FromMinutes(1));
+            var written = ExternalProcess.Run(CreateDump, $"--full -f \"{dump}\" {host.Id}", TimeSpan.FromMinutes(1));
             Assert.That(written.Code, Is.Zero, written.Output);
             var fromDump = Inspect("--dump", dump);
             Check(fromDump);

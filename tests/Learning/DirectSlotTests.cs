@@ -62,6 +62,56 @@ public sealed class DirectSlotTests
         Assert.That(workload.Calls, Is.GreaterThan(0));
     }
 
+    [Test]
+    public void Megamorphic_sites_without_inline_slots_link_straight_to_the_thunk_and_come_back()
+    {
+        using var engine = new OptpolineEngine(new EngineOptions { Learning = new LearningOptions { Enabled = true, Background = false, RingCapacity = 1 << 18 } });
+        using var workload = new LearningWorkload(engine, siteCount: 200, inlineSlots: 0);
+        workload.SetPhase([.. Enumerable.Range(0, 256).Select(i => (i, 1.0 / 256))], 1);
+        workload.Start(callerThreads: 2);
+        try
+        {
+            var direct = 0;
+            var sampledWhileDirect = false;
+            for (var epoch = 0; epoch < 40; epoch++)
+            {
+                Thread.Sleep(30);
+                var samples = workload.Sites.Sum(s => s.SampleCount);
+                var wasDirect = workload.Sites.Count(s => s.DirectLink);
+                Assert.That(engine.LearnEpoch().Applied.Wait(TimeSpan.FromSeconds(10)), Is.True);
+                var linkedToThunk = workload.Sites.Count(s => s.DirectLink && s.OutLink!.Target == s.Fallback);
+                direct = Math.Max(direct, linkedToThunk);
+                if (wasDirect == workload.Sites.Count && workload.Sites.Sum(s => s.SampleCount) > samples)
+                {
+                    sampledWhileDirect = true;   // probes link to the sampling stub for an epoch
+                }
+            }
+
+            Assert.That(direct, Is.GreaterThanOrEqualTo(190), "megamorphic sites link straight to the thunk");
+            Assert.That(workload.Sites.All(s => s.Targets.Count == 0), Is.True, "and stay unpromoted");
+            Assert.That(sampledWhileDirect, Is.True, "direct sites are still sampled now and then");
+
+            workload.SetPhase([(7, 1.0)], 1);
+            var converged = 0;
+            for (var epoch = 0; epoch < 30 && converged < workload.Sites.Count; epoch++)
+            {
+                Thread.Sleep(30);
+                Assert.That(engine.LearnEpoch().Applied.Wait(TimeSpan.FromSeconds(10)), Is.True);
+                converged = workload.Sites.Select((s, j) => (s, j)).Count(x => x.s.Targets.SequenceEqual([workload.TargetFor(x.j, 7, 1)]));
+            }
+
+            Assert.That(converged, Is.GreaterThanOrEqualTo(198), "sites leave the direct state when the phase changes");
+            Assert.That(workload.Sites.Count(s => s.DirectLink), Is.LessThanOrEqualTo(2));
+            Assert.That(engine.AuditCode(), Is.Empty);
+        }
+        finally
+        {
+            workload.Stop();
+        }
+
+        Assert.That(workload.WrongCalls, Is.Zero);
+    }
+
     [TestCase(true, TestName = "Leaving a direct slot without a grace period is caught")]
     [TestCase(false, TestName = "Leaving a direct slot after a grace period keeps every call right")]
     public void Leaving_a_direct_slot(bool skipGracePeriod)

@@ -8,14 +8,14 @@ namespace Optpoline.Tests.Tracing;
 public sealed class RunCommandTests
 {
     [Test]
-    public void A_short_run_checks_every_call_and_leaves_a_trace_that_replays()
+    public void A_short_run_checks_every_call_and_leaves_a_trace_that_replays([Values(0, 2)] int inlineSlots)
     {
         var directory = Path.Combine(Path.GetTempPath(), $"optpoline-run-test-{Environment.ProcessId}-{Guid.NewGuid():N}");
         try
         {
             using var output = new StringWriter();
             using var error = new StringWriter();
-            var code = Program.Run(["run", "--seconds", "4", "--sites", "64", "--threads", "2", "--trace", directory], output, error);
+            var code = Program.Run(["run", "--seconds", "4", "--sites", "64", "--threads", "2", "--inline-slots", $"{inlineSlots}", "--trace", directory], output, error);
             var text = output.ToString();
             TestContext.Out.WriteLine(text + error);
             Assert.That(code, Is.EqualTo(ExitCodes.Ok));
@@ -42,6 +42,7 @@ public sealed class RunCommandTests
     [TestCase("--threads", "0")]
     [TestCase("--seconds", "x")]
     [TestCase("--bogus", "1")]
+    [TestCase("--inline-slots", "3")]
     public void Bad_options_fail_with_a_message(string option, string value)
     {
         using var output = new StringWriter();

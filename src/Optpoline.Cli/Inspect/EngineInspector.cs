@@ -183,7 +183,7 @@ internal sealed class EngineInspector : IDisposable
         var register = ((Iced.Intel.Register)site.ReadField<int>("<Register>k__BackingField")).ToString().ToLowerInvariant();
         var desired = ArrayValues<ulong>(site.ReadObjectField("<Desired>k__BackingField"));
         var slots = ListItems(site.ReadObjectField("<Slots>k__BackingField")).ToList();
-        var direct = slots.Count > 0 && slots[0].ReadField<bool>("<Direct>k__BackingField");
+        var direct = (slots.Count > 0 && slots[0].ReadField<bool>("<Direct>k__BackingField")) || site.ReadField<bool>("<DirectLink>k__BackingField");
         var outLink = site.ReadObjectField("<OutLink>k__BackingField");
         var pending = !site.ReadObjectField("<Pending>k__BackingField").IsNull;
         var state = outLink.IsNull ? "unbound"
@@ -231,7 +231,8 @@ internal sealed class EngineInspector : IDisposable
     {
         var bytes = new byte[Math.Clamp(length, 0, 4096)];
         var read = _target.DataReader.Read(address, bytes);
-        return new CodeReport(what, $"0x{address:X}", length, read == bytes.Length ? Disassembly.Lines(bytes, address, Symbols) : [$"(only {read} of {bytes.Length} bytes are readable in {Source})"]);
+        return new CodeReport(what, $"0x{address:X}", length, read == bytes.Length ? Disassembly.Lines(bytes, address, Symbols)
+            : [$"(only {read} of {bytes.Length} bytes are readable in {Source}: engine code is a shared mapping, which only a full dump holds for sure: createdump --full)"]);
     }
 
     private IEnumerable<ClrObject> ListItems(ClrObject list)

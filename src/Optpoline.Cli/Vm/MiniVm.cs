@@ -11,8 +11,8 @@ namespace Optpoline.Cli.Vm;
 /// code. Objects are {vtable, field}; every class has one virtual method (<c>field + K</c>), JIT-compiled.
 /// The program is a loop making <see cref="Sites"/> virtual calls per iteration, each at its own call
 /// site: load the receiver, its vtable, the method, and call it. The engine's variant makes each call an
-/// optpoline site (2 inline slots); the baseline variant calls through the retpoline thunk, as a
-/// hardened JIT would. Both run the same receivers, so their results must match to the bit.
+/// optpoline site (with the inline slots asked for); the baseline variant calls through the retpoline
+/// thunk, as a hardened JIT would. Both run the same receivers, so their results must match to the bit.
 /// </summary>
 internal sealed unsafe class MiniVm : IDisposable
 {
@@ -26,7 +26,7 @@ internal sealed unsafe class MiniVm : IDisposable
     private readonly ulong* _objects;
     private readonly List<nint> _tables = [];
 
-    public MiniVm(OptpolineEngine engine, int classes, int sites)
+    public MiniVm(OptpolineEngine engine, int classes, int sites, int inlineSlots)
     {
         Classes = classes;
         Sites = sites;
@@ -46,7 +46,7 @@ internal sealed unsafe class MiniVm : IDisposable
         var sitesList = new List<InlineSite>(sites);
         Optimized = Compile(engine, "vm_program", (asm, j) =>
         {
-            var site = engine.CreateInlineSite(Register.RAX, 2, $"vm_call{j}");
+            var site = engine.CreateInlineSite(Register.RAX, inlineSlots, $"vm_call{j}");
             site.Emit(asm);
             sitesList.Add(site);
         });

@@ -124,6 +124,12 @@ public abstract class Site
     /// <summary>The epoch at which a direct first slot samples again (for one epoch).</summary>
     internal long DirectUntil { get; set; }
 
+    /// <summary>
+    /// A site without inline slots is direct: its out link goes to the fallback thunk, unsampled (or,
+    /// while the learner checks it, to the sampling stub again, as when it is not direct).
+    /// </summary>
+    internal bool DirectLink { get; set; }
+
     internal PendingRequest? Pending { get; set; }
 
     /// <summary>Where the site's engine-owned code lives (stubs), for audits.</summary>

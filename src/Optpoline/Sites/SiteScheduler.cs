@@ -187,13 +187,23 @@ internal sealed class SiteScheduler : IDisposable
         return chain;
     }
 
-    /// <summary>Swaps the rel32 that enters the outline chain; the old chain is retired.</summary>
+    /// <summary>
+    /// Swaps the rel32 that enters the outline chain; the old chain is retired. A site without inline
+    /// slots that is to be direct links straight to its direct call target instead of its tail (a rel32
+    /// swap of one call or jump: safe at once, whatever a thread before it did).
+    /// </summary>
     private void PlanLink(Site site, OutlineChain? chain, Plan plan)
     {
         var link = site.OutLink!;
-        var target = chain?.Entry ?? site.Tail;
+        var direct = site.InlineSlotCount == 0 && chain is null ? plan.Direct.GetValueOrDefault(site) : 0;
+        var target = chain?.Entry ?? (direct != 0 ? direct : site.Tail);
         if (target == link.Target)
         {
+            if (site.DirectLink != (direct != 0))
+            {
+                plan.Effects.Add(() => site.DirectLink = direct != 0);
+            }
+
             return;
         }
 
@@ -204,6 +214,7 @@ internal sealed class SiteScheduler : IDisposable
         plan.Effects.Add(() =>
         {
             link.Target = target;
+            site.DirectLink = direct != 0;
             if (site.Chain is { } old && old != chain)
             {
                 _retired.Add(new RetiredChain(old, _epoch, site.Fallback));

@@ -6,8 +6,9 @@ namespace Optpoline.Sites;
 public sealed record SiteUpdate(Site Site, IReadOnlyList<ulong> Targets)
 {
     /// <summary>
-    /// With no targets: make the first inline slot direct, its call going to this address (the
-    /// fallback thunk, or the sampling stub while the learner checks the site); 0: not direct.
+    /// With no targets: make the site direct, its first inline slot's call (or, for a site without
+    /// inline slots, the call or jump that leaves its code) going to this address: the fallback thunk,
+    /// or the sampling stub while the learner checks the site. 0: not direct.
     /// </summary>
     internal ulong DirectCall { get; init; }
 }
