@@ -6,8 +6,12 @@ namespace Optpoline;
 /// <summary>Profiles: what the learner learned, saved and given to a restarted host.</summary>
 public sealed partial class OptpolineEngine
 {
-    private SortedDictionary<string, List<ProfileTarget>> _profilePending = new(StringComparer.Ordinal);
+    private readonly HashSet<string> _profileMatched = new(StringComparer.Ordinal);
+    private SortedDictionary<string, List<ProfileTarget>> _profileEntries = new(StringComparer.Ordinal);
     private ProfileStatus _profileStatus = ProfileStatus.None;
+
+    /// <summary>Sites of <see cref="_sitesById"/> (in order) already given their profile entry, or found without one.</summary>
+    private int _profileScanned;
 
     /// <summary>What the last <see cref="LoadProfile"/> gave: entries applied so far, and those ignored as stale.</summary>
     public ProfileStatus Profile
@@ -16,7 +20,7 @@ public sealed partial class OptpolineEngine
         {
             lock (_learnLock)
             {
-                return _profileStatus with { UnmatchedSites = _profilePending.Count };
+                return _profileStatus with { UnmatchedSites = _profileEntries.Count - _profileMatched.Count };
             }
         }
     }
@@ -25,9 +29,10 @@ public sealed partial class OptpolineEngine
     /// Writes every site's learned target histogram (<see cref="Learning.Learner.GetHistogram"/>) to
     /// <paramref name="path"/>, sites by name and targets by where they lie: a published block of engine
     /// code (<see cref="Assemble"/> or <see cref="PublishCode"/> with a name) and an offset, or a
-    /// file-backed module and a file offset. Targets in neither (unnamed or anonymous code) are left out
-    /// and counted; so are sites without a sample. Entries of a loaded profile that matched no site are
-    /// not written (merge profiles with <see cref="LearnedProfile.Merge"/> to keep them).
+    /// file-backed module and a file offset. Sites that share a name (the same call site compiled
+    /// again, say) add up into one entry. Targets in neither kind of place (unnamed or anonymous code)
+    /// are left out and counted; so are sites without a sample. Entries of a loaded profile that matched
+    /// no site are not written (merge profiles with <see cref="LearnedProfile.Merge"/> to keep them).
     /// </summary>
     /// <returns>Sites written, and targets left out because they have no name another process could find.</returns>
     /// <exception cref="InvalidOperationException">The engine does not learn.</exception>
@@ -35,7 +40,7 @@ public sealed partial class OptpolineEngine
     public (int Sites, int UnnamedTargets) SaveProfile(string path)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
-        var profile = new LearnedProfile();
+        var perSite = new List<LearnedProfile>();
         var unnamed = 0;
         lock (_learnLock)
         {
@@ -65,23 +70,26 @@ public sealed partial class OptpolineEngine
 
                 if (targets.Count > 0)
                 {
-                    profile.Sites[site.Name] = targets;
+                    var one = new LearnedProfile();
+                    one.Sites[site.Name] = targets;
+                    perSite.Add(one);
                 }
             }
         }
 
+        var profile = LearnedProfile.Merge(perSite);
         profile.Save(path);
         return (profile.Sites.Count, unnamed);
     }
 
     /// <summary>
-    /// Reads a profile written by <see cref="SaveProfile"/> (or merged) and gives each site its histogram
-    /// as if sampled (<see cref="Learning.Learner.Seed"/>), so the next epoch promotes from it. Sites
-    /// bound now get it at once, sites bound later at the first epoch after they are. Entry by entry, a
-    /// stale profile is ignored: a target whose block or module no longer exists (or is shorter) is
-    /// dropped and counted in <see cref="ProfileStatus.StaleTargets"/>; a site name no site has is
-    /// counted in <see cref="ProfileStatus.UnmatchedSites"/> until one appears. A new load replaces the
-    /// entries of the previous one that are still waiting.
+    /// Reads a profile written by <see cref="SaveProfile"/> (or merged) and gives each site of that name
+    /// its histogram as if sampled (<see cref="Learning.Learner.Seed"/>), so the next epoch promotes from
+    /// it. Sites bound now get it at once, sites bound later (another copy of the same call site too) at
+    /// the first epoch after they are. Entry by entry, a stale profile is ignored: a target whose block or
+    /// module no longer exists (or is shorter) is dropped and counted in
+    /// <see cref="ProfileStatus.StaleTargets"/>; a site name no site has is counted in
+    /// <see cref="ProfileStatus.UnmatchedSites"/> until one appears. A new load replaces the previous one.
     /// </summary>
     /// <exception cref="InvalidOperationException">The engine does not learn.</exception>
     /// <exception cref="ProfileException">The file cannot be read or is not a profile; nothing changes.</exception>
@@ -95,10 +103,12 @@ public sealed partial class OptpolineEngine
                 throw new InvalidOperationException("This engine does not learn, so it cannot use a profile: create it with EngineOptions.Learning.Enabled = true.");
             }
 
-            _profilePending = new(profile.Sites, StringComparer.Ordinal);
+            _profileEntries = new(profile.Sites, StringComparer.Ordinal);
+            _profileMatched.Clear();
+            _profileScanned = 0;
             _profileStatus = new ProfileStatus(path, profile.Sites.Count, 0, profile.Sites.Count, profile.Sites.Values.Sum(t => t.Count), 0);
             ApplyProfileLocked();
-            return _profileStatus with { UnmatchedSites = _profilePending.Count };
+            return _profileStatus with { UnmatchedSites = _profileEntries.Count - _profileMatched.Count };
         }
     }
 
@@ -122,18 +132,19 @@ public sealed partial class OptpolineEngine
         }
     }
 
-    /// <summary>Seeds the bound sites that a loaded profile names (under the learning lock).</summary>
+    /// <summary>Seeds the sites bound since the last call that a loaded profile names (under the learning lock).</summary>
     private void ApplyProfileLocked()
     {
-        if (_profilePending.Count == 0 || _learner is null)
+        if (_profileEntries.Count == 0 || _learner is null)
         {
             return;
         }
 
         TargetNames? resolver = null;
-        foreach (var site in _sitesById)
+        for (; _profileScanned < _sitesById.Count; _profileScanned++)
         {
-            if (!_profilePending.Remove(site.Name, out var entry))
+            var site = _sitesById[_profileScanned];
+            if (!_profileEntries.TryGetValue(site.Name, out var entry))
             {
                 continue;
             }
@@ -154,7 +165,10 @@ public sealed partial class OptpolineEngine
             }
 
             _learner.Seed(site.LearningId, histogram);
-            _profileStatus = _profileStatus with { AppliedSites = _profileStatus.AppliedSites + 1, StaleTargets = _profileStatus.StaleTargets + stale };
+            if (_profileMatched.Add(site.Name))
+            {
+                _profileStatus = _profileStatus with { AppliedSites = _profileStatus.AppliedSites + 1, StaleTargets = _profileStatus.StaleTargets + stale };
+            }
         }
     }
 

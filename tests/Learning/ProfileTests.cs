@@ -59,6 +59,34 @@ public sealed unsafe class ProfileTests
     }
 
     [Test]
+    public void Sites_that_share_a_name_add_up_in_the_profile_and_all_get_it_back()
+    {
+        // Two copies of each call site (say, code compiled twice): one entry per name, both copies seeded.
+        static string Shared(int j) => $"shared{j % 2}";
+        var path = Path.Combine(_directory, "shared.profile");
+        using (var first = new Host(Shared))
+        {
+            for (var epoch = 0; epoch < 20 && !first.Promoted(); epoch++)
+            {
+                first.Run(iterations: 4000);
+                Assert.That(first.Engine.LearnEpoch().Applied.Wait(TimeSpan.FromSeconds(10)), Is.True);
+            }
+
+            Assert.That(first.Promoted(), Is.True);
+            Assert.That(first.Engine.SaveProfile(path), Is.EqualTo((2, 0)));
+        }
+
+        var saved = LearnedProfile.Load(path);
+        Assert.That(saved.Sites.Keys, Is.EqualTo(new[] { "shared0", "shared1" }));
+        Assert.That(saved.Sites["shared0"].Select(t => t.Block), Is.EqualTo(new[] { "target0" }), "even sites call target0 only");
+
+        using var second = new Host(Shared);
+        Assert.That(second.Engine.LoadProfile(path), Is.EqualTo(new ProfileStatus(path, 2, 2, 0, 3, 0)));
+        Assert.That(second.Engine.LearnEpoch().Applied.Wait(TimeSpan.FromSeconds(10)), Is.True);
+        Assert.That(second.Promoted(), Is.True, "every copy is seeded");
+    }
+
+    [Test]
     public void Stale_entries_are_ignored_one_by_one_and_counted()
     {
         using var host = new Host();
@@ -189,14 +217,15 @@ public sealed unsafe class ProfileTests
         private readonly ulong* _tables;
         private readonly delegate* unmanaged<ulong, ulong*, ulong*, void> _loop;
 
-        public Host()
+        public Host(Func<int, string>? siteName = null)
         {
+            siteName ??= j => $"site{j}";
             Engine = new OptpolineEngine(new EngineOptions { Learning = new LearningOptions { Enabled = true, Background = false } });
             Targets = [.. Enumerable.Range(0, 4).Select(i => CheckingTarget.Emit(Engine, Register.RAX, $"target{i}"))];
             var sites = new List<InlineSite>();
             _loop = SiteLoop.Emit(Engine, SiteCount, TableLength, _ => Register.RAX, (asm, j) =>
             {
-                var site = Engine.CreateInlineSite(Register.RAX, 2, $"site{j}");
+                var site = Engine.CreateInlineSite(Register.RAX, 2, siteName(j));
                 site.Emit(asm);
                 sites.Add(site);
             });
