@@ -30,6 +30,8 @@ internal static class Program
 
         WHERE: 0xADDRESS[:LENGTH] (LENGTH decimal or 0x hex; default 64) or a block name from the jitdump
         TIME:  start | end | NANOSECONDS (CLOCK_MONOTONIC) | +N[ns|us|ms|s] from the start | #K (the time of change K)
+        exit:  0 done, 1 wrong results or a trace that does not replay, 2 usage, 3 unreadable trace,
+               4 unreadable input (profile, assembly, config), 5 no such process or dump, or no engine in it
         """;
 
     public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
