@@ -137,18 +137,6 @@ public sealed unsafe class SampleBuffer : IDisposable
     public int Drain(Action<ulong, ulong> sink)
     {
         ArgumentNullException.ThrowIfNull(sink);
-        return Drain((key, target, _) => sink(key, target));
-    }
-
-    /// <summary>
-    /// Hands every sample still in the rings to <paramref name="sink"/> (key, target, weight); returns how
-    /// many. A ring that overflowed since the last drain kept its last <see cref="Capacity"/> samples:
-    /// each of them comes with the weight written / kept (above 1), so that what a site sampled is
-    /// counted at its true rate; otherwise the weight is 1.
-    /// </summary>
-    public int Drain(Action<ulong, ulong, double> sink)
-    {
-        ArgumentNullException.ThrowIfNull(sink);
         ObjectDisposedException.ThrowIf(_disposed, this);
         var count = 0;
         for (var i = 0; i < Rings; i++)
@@ -156,10 +144,8 @@ public sealed unsafe class SampleBuffer : IDisposable
             var ring = _base + (i * Stride);
             var written = Volatile.Read(ref *(ulong*)(ring + WrittenOffset));
             var read = *(ulong*)(ring + ReadOffset);
-            var weight = 1.0;
             if (written - read > (ulong)Capacity)
             {
-                weight = (double)(written - read) / Capacity;
                 Interlocked.Add(ref _lost, (long)(written - read - (ulong)Capacity));
                 read = written - (ulong)Capacity;
             }
@@ -168,7 +154,7 @@ public sealed unsafe class SampleBuffer : IDisposable
             for (; read < written; read++)
             {
                 var entry = entries + ((read & (ulong)(Capacity - 1)) * 2);
-                sink(entry[0], entry[1], weight);
+                sink(entry[0], entry[1]);
                 count++;
             }
 

@@ -648,12 +648,12 @@ public sealed partial class OptpolineEngine : IDisposable
         lock (_learnLock)
         {
             var dropped = 0;
-            var drained = _samples.Drain((key, target, weight) =>
+            var drained = _samples.Drain((key, target) =>
             {
                 if (_sitesByKey.TryGetValue(key, out var site))
                 {
                     site.CountSample();
-                    _learner.Record(site.LearningId, target, weight);
+                    _learner.Record(site.LearningId, target);
                 }
                 else
                 {

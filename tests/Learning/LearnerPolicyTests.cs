@@ -230,6 +230,32 @@ public sealed class LearnerPolicyTests
     private static (ulong Target, int Count)[] Mono(ulong target) => [(target, PerEpoch)];
 
     [Test]
+    public void A_partial_promotion_tolerates_its_own_speed_up_but_not_a_new_phase()
+    {
+        var learner = NewLearner();
+        var h = Enumerable.Range(1, 16).Sum(k => 1.0 / k);
+        var zipf = Mix([.. Enumerable.Range(1, 16).Select(k => ((ulong)k << 12, (int)Math.Round(1000 / (k * h))))]);
+        var promoted = Apply([], Epoch(learner, zipf));
+        Assert.That(promoted, Has.Length.EqualTo(8));
+
+        // Promoted, the loop runs 3x faster: the same tail, 3x the misses per epoch. Not a phase change.
+        var fasterTail = Misses(zipf, promoted).Select(m => (m.Target, m.Count * 3)).ToArray();
+        for (var i = 0; i < 50; i++)
+        {
+            Assert.That(Epoch(learner, fasterTail), Is.Empty, $"epoch {i}");
+        }
+
+        // A new phase: every call goes to targets the promotion never saw, and the site relearns.
+        var epochs = 1;
+        while (Epoch(learner, Mono(0xABC000)) is var decisions && decisions.Count == 0 && epochs < 5)
+        {
+            epochs++;
+        }
+
+        Assert.That(epochs, Is.LessThan(5), $"a new phase is still seen: {learner.GetState(Site)}");
+    }
+
+    [Test]
     public void A_seeded_site_promotes_at_the_next_epoch_without_samples_and_keeps_its_histogram()
     {
         var learner = new Learner();
