@@ -5,7 +5,7 @@ using Optpoline.Sites;
 namespace Optpoline.Stress;
 
 /// <summary>
-/// Many inline sites (two slots each, or as many as asked) on RAX in one native loop, run by caller threads, with the target
+/// Many sites on RAX in one native loop (inline with two slots, or as many as asked, or outline), run by caller threads, with the target
 /// distribution of every site set per phase by rewriting the tables the loop reads. Every target checks
 /// that RAX holds its own address, so a wrong call is counted. Shared by the learning tests and bench.
 /// </summary>
@@ -21,14 +21,22 @@ public sealed unsafe class LearningWorkload : IDisposable
     private long _wrong;
     private volatile bool _stop;
 
-    public LearningWorkload(OptpolineEngine engine, int siteCount, int targetCount = 300, int inlineSlots = 2)
+    public LearningWorkload(OptpolineEngine engine, int siteCount, int targetCount = 300, int inlineSlots = 2, bool outline = false)
     {
         ArgumentNullException.ThrowIfNull(engine);
         Targets = [.. Enumerable.Range(0, targetCount).Select(_ => CheckingTarget.Emit(engine, Register.RAX))];
         _tables = (ulong*)NativeMemory.AlignedAlloc((nuint)(siteCount * TableLength * 8), 64);
-        var sites = new List<InlineSite>(siteCount);
+        var sites = new List<Site>(siteCount);
         _loop = SiteLoop.Emit(engine, siteCount, TableLength, _ => Register.RAX, (asm, j) =>
         {
+            if (outline)
+            {
+                var entry = engine.CreateOutlineSite(Register.RAX, $"learn{j}");
+                asm.call(entry.Entry);
+                sites.Add(entry);
+                return;
+            }
+
             var site = engine.CreateInlineSite(Register.RAX, inlineSlots, $"learn{j}");
             site.Emit(asm);
             sites.Add(site);
@@ -37,7 +45,7 @@ public sealed unsafe class LearningWorkload : IDisposable
     }
 
     /// <summary>The sites, in loop order.</summary>
-    public IReadOnlyList<InlineSite> Sites { get; }
+    public IReadOnlyList<Site> Sites { get; }
 
     /// <summary>All targets the phases draw from.</summary>
     public IReadOnlyList<ulong> Targets { get; }

@@ -11,12 +11,13 @@ namespace Optpoline.Tests.Learning;
 [NonParallelizable]
 public sealed class DirectSlotTests
 {
-    [TestCase(2, TestName = "Megamorphic inline sites go direct through their first slot, keep every call right and come back on a phase change")]
-    [TestCase(0, TestName = "Megamorphic sites without inline slots link straight to the thunk, keep every call right and come back on a phase change")]
-    public void Megamorphic_sites_go_direct_keep_every_call_right_and_come_back_on_a_phase_change(int inlineSlots)
+    [TestCase(2, false, TestName = "Megamorphic inline sites go direct through their first slot, keep every call right and come back on a phase change")]
+    [TestCase(0, false, TestName = "Megamorphic sites without inline slots link straight to the thunk, keep every call right and come back on a phase change")]
+    [TestCase(0, true, TestName = "Megamorphic outline sites link their entry straight to the thunk, keep every call right and come back on a phase change")]
+    public void Megamorphic_sites_go_direct_keep_every_call_right_and_come_back_on_a_phase_change(int inlineSlots, bool outline)
     {
         using var engine = new OptpolineEngine(new EngineOptions { Learning = new LearningOptions { Enabled = true, Background = false, RingCapacity = 1 << 18 } });
-        using var workload = new LearningWorkload(engine, siteCount: 200, inlineSlots: inlineSlots);
+        using var workload = new LearningWorkload(engine, siteCount: 200, inlineSlots: inlineSlots, outline: outline);
         var megamorphic = Enumerable.Range(0, 256).Select(i => (i, 1.0 / 256)).ToArray();
         workload.SetPhase(megamorphic, 1);
         workload.Start(callerThreads: 2);

@@ -113,7 +113,7 @@ public sealed class TraceReplayTests
         }
 
         Assert.That(replay.Verify(), Is.Empty);
-        Assert.That(replay.NameAt(workload.Sites[0].Address, replay.LastTime), Is.Not.Null, "sites' blocks are named from the jitdump");
+        Assert.That(replay.NameAt(((Optpoline.Sites.InlineSite)workload.Sites[0]).Address, replay.LastTime), Is.Not.Null, "sites' blocks are named from the jitdump");
     }
 
     [Test]
