@@ -254,53 +254,32 @@ internal sealed class EngineInspector : IDisposable
         where T : unmanaged =>
         array.IsNull || array.AsArray().Length == 0 ? [] : array.AsArray().ReadValues<T>(0, array.AsArray().Length) ?? [];
 
-    /// <summary>The values of a <c>HashSet&lt;ulong&gt;</c> (live entries have next >= -1, as in a dictionary).</summary>
-    private static IEnumerable<ulong> SetValues(ClrObject set)
+    /// <summary>The values of a <c>HashSet&lt;ulong&gt;</c>.</summary>
+    private static IEnumerable<ulong> SetValues(ClrObject set) =>
+        LiveEntries(set, "Next").Select(entry => entry.ReadField<ulong>("Value"));
+
+    private static IEnumerable<(ulong Key, ClrValueType Value)> DictionaryValues(ClrObject dictionary) =>
+        LiveEntries(dictionary, "next").Select(entry => (entry.ReadField<ulong>("key"), entry.ReadValueTypeField("value")));
+
+    /// <summary>
+    /// The used entries of a <c>Dictionary</c> or <c>HashSet</c>: the first <c>_count</c> of <c>_entries</c>
+    /// whose next link (named <paramref name="next"/>) is at least -1; freed entries hold -3 and below.
+    /// </summary>
+    private static IEnumerable<ClrValueType> LiveEntries(ClrObject table, string next)
     {
-        if (set.IsNull)
+        if (table.IsNull || table.ReadObjectField("_entries") is not { IsNull: false } entries)
         {
             yield break;
         }
 
-        var entries = set.ReadObjectField("_entries");
-        if (entries.IsNull)
-        {
-            yield break;
-        }
-
-        var count = set.ReadField<int>("_count");
+        var count = table.ReadField<int>("_count");
         var entryType = entries.Type!.ComponentType!;
         for (var i = 0; i < count; i++)
         {
             var entry = ClrValueType.FromAddress(entries.Type.GetArrayElementAddress(entries.Address, i), entryType);
-            if (entry.ReadField<int>("Next") >= -1)
+            if (entry.ReadField<int>(next) >= -1)
             {
-                yield return entry.ReadField<ulong>("Value");
-            }
-        }
-    }
-
-    private static IEnumerable<(ulong Key, ClrValueType Value)> DictionaryValues(ClrObject dictionary)
-    {
-        if (dictionary.IsNull)
-        {
-            yield break;
-        }
-
-        var entries = dictionary.ReadObjectField("_entries");
-        if (entries.IsNull)
-        {
-            yield break;
-        }
-
-        var count = dictionary.ReadField<int>("_count");
-        var entryType = entries.Type!.ComponentType!;
-        for (var i = 0; i < count; i++)
-        {
-            var entry = ClrValueType.FromAddress(entries.Type.GetArrayElementAddress(entries.Address, i), entryType);
-            if (entry.ReadField<int>("next") >= -1)
-            {
-                yield return (entry.ReadField<ulong>("key"), entry.ReadValueTypeField("value"));
+                yield return entry;
             }
         }
     }
