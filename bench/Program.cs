@@ -41,9 +41,11 @@ public static class Program
 
     /// <summary>
     /// What tracing adds to a 1000-site batch, measured interleaved in one process: rounds of untraced,
-    /// traced (text pokes and jitdump), text pokes only and jitdump only, 48 promote+demote pairs each
-    /// after 8 for warm-up; the medians over the rounds, and the engine's own count of the time spent
-    /// recording. Interleaving cancels the drift that separates BenchmarkDotNet's per-method runs.
+    /// traced (text pokes and jitdump), text pokes only, jitdump only, and both written through, 48
+    /// promote+demote pairs each after 8 for warm-up; the medians over the rounds, and the engine's own
+    /// count of the time spent recording on the batch's thread. Interleaving cancels the drift that
+    /// separates BenchmarkDotNet's per-method runs. <c>--only MODE</c> runs one mode, <c>--verbose</c>
+    /// prints every round (the first few are slower: tiering settles after about a thousand batches).
     /// </summary>
     private static int TraceCostInterleaved(string[] args)
     {
@@ -55,7 +57,12 @@ public static class Program
         var sites = SiteBlock.Emit(engine, 1000);
         List<Optpoline.Sites.SiteUpdate> promote = [.. sites.Select(s => new Optpoline.Sites.SiteUpdate(s, [target]))];
         List<Optpoline.Sites.SiteUpdate> demote = [.. sites.Select(s => new Optpoline.Sites.SiteUpdate(s, []))];
-        var modes = new[] { "untraced", "both", "text pokes", "jitdump" };
+        var modes = new[] { "untraced", "both", "text pokes", "jitdump", "both, write-through" };
+        if (args.Contains("--only"))
+        {
+            modes = [args[Array.IndexOf(args, "--only") + 1]];
+        }
+
         var wall = modes.ToDictionary(m => m, _ => new List<double>());
         var recording = modes.ToDictionary(m => m, _ => new List<double>());
         for (var round = 0; round < rounds; round++)
@@ -64,7 +71,7 @@ public static class Program
             {
                 if (mode != "untraced")
                 {
-                    engine.StartTracing(new Optpoline.Tracing.TracingOptions { Directory = directory, TextPokes = mode != "jitdump", JitDump = mode != "text pokes" });
+                    engine.StartTracing(new Optpoline.Tracing.TracingOptions { Directory = directory, TextPokes = mode != "jitdump", JitDump = mode != "text pokes", WriteThrough = mode.EndsWith("write-through", StringComparison.Ordinal) });
                 }
 
                 GC.Collect();
@@ -88,15 +95,27 @@ public static class Program
             }
         }
 
+        if (args.Contains("--verbose"))
+        {
+            foreach (var mode in modes)
+            {
+                Console.WriteLine(FormattableString.Invariant($"{mode}: {string.Join(' ', wall[mode].Select(v => v.ToString("F0", System.Globalization.CultureInfo.InvariantCulture)))}"));
+            }
+        }
+
         static double Median(List<double> values) => values.Order().ElementAt(values.Count / 2);
         Console.WriteLine($"| recording | batch (median of {rounds} rounds) | vs untraced | recording time per batch |");
         Console.WriteLine("|---|---:|---:|---:|");
         foreach (var mode in modes)
         {
-            Console.WriteLine(FormattableString.Invariant($"| {mode} | {Median(wall[mode]):F0} us | {Median(wall[mode]) / Median(wall["untraced"]):F3}x | {Median(recording[mode]):F0} us |"));
+            Console.WriteLine(FormattableString.Invariant($"| {mode} | {Median(wall[mode]):F0} us | {Median(wall[mode]) / Median(wall[modes[0]]):F3}x | {Median(recording[mode]):F0} us |"));
         }
 
-        Directory.Delete(directory, recursive: true);
+        if (Directory.Exists(directory))
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+
         return 0;
     }
 

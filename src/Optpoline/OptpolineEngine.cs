@@ -83,6 +83,7 @@ public sealed partial class OptpolineEngine : IDisposable
 
         Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
         patcher.AfterApply = Republish;
+        patcher.BeforeArm = () => _tracing?.Flush();
         Publish(_thunks.Block, "optpoline_thunks");
         _promotion = Options.Learning.Enabled ? PromotionMode.Learn : PromotionMode.Static;
         _epochInterval = Options.Learning.EpochInterval;
@@ -624,7 +625,15 @@ public sealed partial class OptpolineEngine : IDisposable
         // No reload may start tracing or learning again once they are stopped.
         _config?.Dispose();
         BackgroundLearning = false;
-        StopTracing();
+        try
+        {
+            StopTracing();
+        }
+        catch (IOException)
+        {
+            // The files are closed; what failed was reported to every batch since, and Dispose does not throw.
+        }
+
         Scheduler.Dispose();
         Code.Dispose();
         _samples?.Dispose();
@@ -735,6 +744,9 @@ public sealed partial class OptpolineEngine : IDisposable
         return result;
     }
 
+    /// <summary>The running trace (tests reach its writers).</summary>
+    internal TraceSession? Tracing => _tracing;
+
     /// <summary>The running trace's directory, or null when the engine does not trace.</summary>
     public string? TraceDirectory
     {
@@ -790,9 +802,28 @@ public sealed partial class OptpolineEngine : IDisposable
     }
 
     /// <summary>
-    /// Stops the running trace, if any: writes the end image (<c>snapshot-end.bin</c>) and closes the
-    /// files. Waits for a patch batch in flight. Returns what was written, or null when no trace ran.
+    /// Returns once every record the running trace has taken so far is in its files (records are written
+    /// behind unless <see cref="TracingOptions.WriteThrough"/> is set); for a host that reads a trace
+    /// while it runs. Does nothing without a trace.
     /// </summary>
+    /// <exception cref="IOException">A trace file could not be written; the trace is incomplete.</exception>
+    public void FlushTrace()
+    {
+        lock (_published)
+        {
+            _tracing?.Flush();
+        }
+    }
+
+    /// <summary>
+    /// Stops the running trace, if any: writes what is queued and the end image
+    /// (<c>snapshot-end.bin</c>), and closes the files. Waits for a patch batch in flight. Returns what
+    /// was written, or null when no trace ran.
+    /// </summary>
+    /// <exception cref="IOException">
+    /// A trace file could not be written (the trace is stopped and its files are closed, but they end
+    /// before the failed write; every patch batch since was refused).
+    /// </exception>
     public TraceSummary? StopTracing()
     {
         TraceSummary? summary = null;
@@ -822,6 +853,11 @@ public sealed partial class OptpolineEngine : IDisposable
         finally
         {
             session.Dispose();
+        }
+
+        if (session.Failure is { } failure)
+        {
+            throw new IOException($"The trace in {session.Directory} is stopped but incomplete: {failure.Message}", failure);
         }
 
         return session.Summary();
@@ -1055,7 +1091,14 @@ public sealed partial class OptpolineEngine : IDisposable
                 var published = effective.Where(p => Code.TryFindBlockStart(p.Address, out var start) && _published.ContainsKey(start)).ToList();
                 if (published.Count > 0)
                 {
-                    pokes.TextPokes(published, PerfDataWriter.Now(), LinuxOs.Gettid());
+                    try
+                    {
+                        pokes.TextPokes(published, PerfDataWriter.Now(), LinuxOs.Gettid());
+                    }
+                    catch (IOException)
+                    {
+                        // The bytes are written: a failed trace is reported by the next batch and StopTracing.
+                    }
                 }
             }
 

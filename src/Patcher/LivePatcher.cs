@@ -75,14 +75,26 @@ public sealed unsafe class LivePatcher
     /// </summary>
     public Action<IReadOnlyList<CodePatch>>? BeforeVisible { get; set; }
 
+    /// <summary>
+    /// Called under the patch lock before a batch writes anything (the engine waits here until its
+    /// trace has written the records of earlier batches). An <see cref="IOException"/> from it refuses
+    /// the batch with a <see cref="PatchRejectedException"/>.
+    /// </summary>
+    public Action? BeforeArm { get; set; }
+
+    /// <summary>Test-only broken variant: a batch starts without waiting for the trace's earlier records.</summary>
+    internal bool SkipTraceWait { get; set; }
+
     /// <summary>Called after a batch is complete (every patch visible), with the patches written.</summary>
     public Action<IReadOnlyList<CodePatch>>? AfterApply { get; set; }
 
     /// <summary>
     /// Where every applied patch is recorded as a PERF_RECORD_TEXT_POKE (null: not recorded). The
-    /// record is written after the tails and before the first bytes are restored, as the kernel does:
-    /// from then on the change can be visible to other threads, and a decoder that sees an int3 at the
-    /// record's address between its time and the next core sync knows the old or the new bytes apply.
+    /// record is submitted, with its time, after the tails and before the first bytes are restored, as
+    /// the kernel emits it: from then on the change can be visible to other threads, and a decoder that
+    /// sees an int3 at the record's address between its time and the next core sync knows the old or
+    /// the new bytes apply. A write-through writer has it on file before the first byte is restored; a
+    /// write-behind writer writes it on its own thread, and the next batch waits until it is on file.
     /// </summary>
     public PerfDataWriter? Trace { get; set; }
 
@@ -119,6 +131,26 @@ public sealed unsafe class LivePatcher
                 return 0;
             }
 
+            // The records of earlier batches are on file before this one starts (a crash loses at most
+            // the batch in flight); a trace that cannot write refuses the batch, with nothing written.
+            var waitStart = Stopwatch.GetTimestamp();
+            try
+            {
+                if (!SkipTraceWait)
+                {
+                    Trace?.Flush();
+                    BeforeArm?.Invoke();
+                }
+            }
+            catch (IOException failure)
+            {
+                throw new PatchRejectedException($"The trace could not record earlier changes, so this batch was not applied: {failure.Message}", failure);
+            }
+
+            // The records are encoded now and only stamped with their time in the int3 window, which
+            // stays as short as without a trace (threads that arrive in it trap).
+            var prepared = Trace?.PrepareTextPokes(effective, PatcherOs.Gettid());
+            Interlocked.Add(ref _recordTicks, Stopwatch.GetTimestamp() - waitStart);
             var table = BuildTrapTable(effective, p => byPatch[p].OnTrap);
             var tableBytes = 8L + (effective.Count * ControlBlock.TrapEntrySize);
             _runtime.PublishTrapTable(table);
@@ -146,7 +178,11 @@ public sealed unsafe class LivePatcher
 
                 CoreSync();
                 var recordStart = Stopwatch.GetTimestamp();
-                Record(effective);
+                if (prepared is not null)
+                {
+                    Trace!.SubmitTextPokes(prepared, PerfDataWriter.Now());
+                }
+
                 Interlocked.Add(ref _recordTicks, Stopwatch.GetTimestamp() - recordStart);
                 BeforeVisible?.Invoke(effective);
 
@@ -267,16 +303,6 @@ public sealed unsafe class LivePatcher
 
             return completed;
         }
-    }
-
-    private void Record(IReadOnlyList<CodePatch> effective)
-    {
-        if (Trace is not { } trace)
-        {
-            return;
-        }
-
-        trace.TextPokes(effective, PerfDataWriter.Now(), PatcherOs.Gettid());
     }
 
     private static bool WaitForAcks(List<int> tids, uint* acks, uint generation, TimeSpan limit)

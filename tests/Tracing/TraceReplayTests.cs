@@ -117,13 +117,13 @@ public sealed class TraceReplayTests
     }
 
     [Test]
-    public void Every_patch_is_on_disk_before_its_first_byte_makes_it_visible()
+    public void Written_through_every_patch_is_on_disk_before_its_first_byte_makes_it_visible()
     {
         using var engine = new OptpolineEngine();
         var targets = Support.ChecksumCode.EmitTargets(engine, 3);
         var site = engine.CreateInlineSite(Register.RAX, 2, "visible_site");
         Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
-        engine.StartTracing(new TracingOptions { Directory = _directory, JitDump = false });
+        engine.StartTracing(new TracingOptions { Directory = _directory, JitDump = false, WriteThrough = true });
         var checkedBatches = 0;
         engine.Scheduler.Patcher.BeforeVisible = patches =>
         {
@@ -144,6 +144,119 @@ public sealed class TraceReplayTests
         site.Reset();
         engine.StopTracing();
         Assert.That(checkedBatches, Is.GreaterThanOrEqualTo(3));
+    }
+
+    [TestCase(false, ExpectedResult = 0, Description = "each batch waits for the records of the batches before it")]
+    [TestCase(true, ExpectedResult = 3, Description = "broken variant: batches do not wait for a slow writer")]
+    public int Written_behind_a_batchs_records_are_on_disk_before_the_next_batch_writes(bool skipWait)
+    {
+        using var engine = new OptpolineEngine();
+        var targets = Support.ChecksumCode.EmitTargets(engine, 3);
+        var site = engine.CreateInlineSite(Register.RAX, 2, "behind_site");
+        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        engine.StartTracing(new TracingOptions { Directory = _directory, JitDump = false });
+        var pokes = engine.Scheduler.Patcher.Trace!;
+        Assert.That(pokes.WriteBehind, Is.True, "write-behind is the default");
+        pokes.BeforeWrite = () => Thread.Sleep(100);   // a slow disk widens the window a batch must wait out
+        engine.Scheduler.Patcher.SkipTraceWait = skipWait;
+        var earlier = new List<CodePatch>();
+        var missing = 0;
+        engine.Scheduler.Patcher.BeforeVisible = patches =>
+        {
+            var onDisk = PerfDataReader.Read(Path.Combine(_directory, TraceFiles.TextPokes)).TextPokes.ToList();
+            missing += earlier.Count(patch => !onDisk.Any(r => r.Address == patch.Address && r.New.AsSpan().SequenceEqual(patch.Replacement.Span)));
+            earlier.AddRange(patches);
+        };
+
+        site.Promote([targets[0], targets[1]]);
+        site.Promote([targets[2]]);
+        site.Reset();
+        site.Promote([targets[0]]);
+        engine.Scheduler.Patcher.BeforeVisible = null;
+        engine.Scheduler.Patcher.SkipTraceWait = false;
+        var summary = engine.StopTracing()!;
+        var all = PerfDataReader.Read(Path.Combine(_directory, TraceFiles.TextPokes)).TextPokes.ToList();
+        Assert.That(all, Has.Count.EqualTo(summary.TextPokes), "at the stop every submitted record is on disk");
+        foreach (var patch in earlier)
+        {
+            Assert.That(all.Any(r => r.Address == patch.Address && r.Old.AsSpan().SequenceEqual(patch.Expected.Span) && r.New.AsSpan().SequenceEqual(patch.Replacement.Span)), Is.True);
+        }
+
+        // Counted per batch that found an earlier batch's record missing from the file.
+        return missing == 0 ? 0 : Math.Min(missing, 3);
+    }
+
+    [Test]
+    public void A_failed_trace_write_refuses_later_batches_until_the_trace_stops()
+    {
+        using var engine = new OptpolineEngine();
+        var targets = Support.ChecksumCode.EmitTargets(engine, 2);
+        var site = engine.CreateInlineSite(Register.RAX, 2, "failing_site");
+        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        engine.StartTracing(new TracingOptions { Directory = _directory });
+        site.Promote([targets[0]]);
+        var trace = engine.Scheduler.Patcher.Trace!;
+        trace.Flush();
+        var onFile = trace.TextPokeRecords;
+        trace.BeforeWrite = () => throw new IOException("No space left on device (test)");
+        site.Promote([targets[0], targets[1]]);   // applied (a clean slot); the write of its records fails behind it
+        var before = Live(site.Address, site.InlineLength);
+
+        Assert.That(() => site.Reset(), Throws.InstanceOf<PatchRejectedException>().With.Message.Contains("No space left on device (test)").And.Message.Contains("Stop tracing"));
+        Assert.That(Live(site.Address, site.InlineLength), Is.EqualTo(before), "a refused batch writes nothing");
+        Assert.That(site.Targets, Is.EqualTo(new[] { targets[0], targets[1] }));
+        Assert.That(() => engine.StopTracing(), Throws.InstanceOf<IOException>().With.Message.Contains("stopped but incomplete"));
+        Assert.That(engine.TraceDirectory, Is.Null);
+
+        // The file ends before the failed write and reads cleanly; without a trace, patching works again.
+        Assert.That(PerfDataReader.Read(Path.Combine(_directory, TraceFiles.TextPokes)).TextPokes.Count(), Is.EqualTo(onFile));
+        site.Reset();
+        Assert.That(site.Targets, Is.Empty);
+    }
+
+    [Test]
+    public void A_jitdump_write_failing_after_a_batch_is_applied_leaves_the_engine_consistent()
+    {
+        using var engine = new OptpolineEngine();
+        var targets = Support.ChecksumCode.EmitTargets(engine, 2);
+        var site = engine.CreateInlineSite(Register.RAX, 2, "after_site");
+        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        engine.StartTracing(new TracingOptions { Directory = _directory, WriteThrough = true });
+        engine.Tracing!.Jit!.BeforeWrite = () => throw new IOException("No space left on device (test)");
+
+        // The batch is applied; its jitdump reload fails after that. The engine's view must follow the bytes.
+        site.Promote([targets[0], targets[1]]);
+        Assert.That(site.Targets, Is.EqualTo(new[] { targets[0], targets[1] }));
+        Assert.That(engine.AuditCode(), Is.Empty, "the slots the engine believes in are the bytes in memory");
+        Assert.That(() => site.Reset(), Throws.InstanceOf<PatchRejectedException>());
+        Assert.That(() => engine.StopTracing(), Throws.InstanceOf<IOException>().With.Message.Contains("No space left on device (test)"));
+        site.Reset();
+        Assert.That(engine.AuditCode(), Is.Empty);
+    }
+
+    [Test]
+    public void A_promotion_that_waited_for_a_grace_period_fails_cleanly_when_the_trace_cannot_write()
+    {
+        using var engine = new OptpolineEngine();
+        var targets = Support.ChecksumCode.EmitTargets(engine, 2);
+        var site = engine.CreateInlineSite(Register.RAX, 1, "waiting_site");
+        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        engine.StartTracing(new TracingOptions { Directory = _directory });
+        site.Promote([targets[0]]);
+        var trace = engine.Scheduler.Patcher.Trace!;
+        trace.Flush();
+        trace.BeforeWrite = () => throw new IOException("No space left on device (test)");
+
+        // The slot is demoted at once; the promotion into it waits for a grace period, and the grace
+        // worker's batch is refused: the request fails (it must not take the process down).
+        var waiting = site.PromoteAsync([targets[1]]);
+        Assert.That(() => waiting.Wait(TimeSpan.FromSeconds(10)), Throws.InstanceOf<AggregateException>().With.InnerException.InstanceOf<PatchRejectedException>()
+            .And.InnerException.Message.Contains("waited for a grace period"));
+        Assert.That(site.Targets, Is.Empty, "the site keeps the demoted slot it has");
+        Assert.That(() => engine.StopTracing(), Throws.InstanceOf<IOException>());
+        site.Promote([targets[1]]);
+        Assert.That(site.Targets, Is.EqualTo(new[] { targets[1] }));
+        Assert.That(engine.AuditCode(), Is.Empty);
     }
 
     [Test]

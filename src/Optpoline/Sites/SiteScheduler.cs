@@ -365,15 +365,23 @@ internal sealed class SiteScheduler : IDisposable
             var completed = Patcher.Flush(ranges);
             lock (SyncRoot)
             {
-                if (completed)
+                try
                 {
-                    Interlocked.Increment(ref _gracePeriods);
-                    Completed(epoch);
+                    if (completed)
+                    {
+                        Interlocked.Increment(ref _gracePeriods);
+                        Completed(epoch);
+                    }
+                    else
+                    {
+                        Interlocked.Increment(ref _graceTimeouts);
+                        RollBack(epoch);
+                    }
                 }
-                else
+                catch (PatchRejectedException failure)
                 {
-                    Interlocked.Increment(ref _graceTimeouts);
-                    RollBack(epoch);
+                    // Nothing of that batch was written (a trace that cannot write refuses batches).
+                    FailPending(failure);
                 }
             }
         }
@@ -436,6 +444,24 @@ internal sealed class SiteScheduler : IDisposable
         }
     }
 
+    /// <summary>
+    /// A batch of waiting work was refused with nothing written: every waiting request fails with the
+    /// reason, and its site keeps the (consistent) bytes it has; the dirty slots and retired chains stay
+    /// for the next grace period.
+    /// </summary>
+    private void FailPending(PatchRejectedException failure)
+    {
+        foreach (var site in _pending)
+        {
+            site.Desired = AppliedTargets(site);
+            site.Pending?.Completion.TrySetException(new PatchRejectedException(
+                $"Site '{site.Name}': the change that waited for a grace period was not applied: {failure.Message}", failure));
+            site.Pending = null;
+        }
+
+        _pending.Clear();
+    }
+
     /// <summary>The targets the site's bytes dispatch to directly now: filled slots in order, then its chain.</summary>
     private static ulong[] AppliedTargets(Site site) =>
         [.. site.Slots.Where(s => s.Target != 0).Select(s => s.Target), .. site.Chain?.Targets ?? []];
@@ -454,17 +480,22 @@ internal sealed class SiteScheduler : IDisposable
         {
             var request = site.Pending!;
             var oldChain = request.OldChain;
-            if (oldChain is not null)
-            {
-                _retired.RemoveAll(r => r.Chain == oldChain);
-            }
-
             PlanLink(site, oldChain, plan);
             plan.Sites.Add((site, request.OldTargets, oldChain));
             plan.StillPending[site] = PlanSlots(site, request.OldTargets, plan);
         }
 
         Apply(plan);
+
+        // The old chains are linked again (only now: a refused batch leaves them retired, to be freed).
+        foreach (var site in victims)
+        {
+            if (site.Pending!.OldChain is { } oldChain)
+            {
+                _retired.RemoveAll(r => r.Chain == oldChain);
+            }
+        }
+
         foreach (var site in victims)
         {
             var request = site.Pending!;

@@ -23,7 +23,7 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
         {
             if (options.TextPokes)
             {
-                Pokes = new PerfDataWriter(Path.Combine(Directory, TraceFiles.TextPokes));
+                Pokes = new PerfDataWriter(Path.Combine(Directory, TraceFiles.TextPokes), writeBehind: !options.WriteThrough);
                 _files.Add(Pokes.Path);
                 // A stale end image of an earlier trace would pair with this one's pokes.
                 File.Delete(Path.Combine(Directory, TraceFiles.EndSnapshot));
@@ -31,7 +31,7 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
 
             if (options.JitDump)
             {
-                Jit = new JitDumpWriter(Directory);
+                Jit = new JitDumpWriter(Directory, writeBehind: !options.WriteThrough);
                 _files.Add(Jit.Path);
             }
         }
@@ -86,31 +86,68 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
     {
         var code = block.GetExecutableSpan();
         var now = PerfDataWriter.Now();   // one time for both records: the block has this name from then on
-        if (Pokes is not null)
+        try
         {
-            Pokes.TextPoke(block.Address, Int3s(code.Length), code, now, LinuxOs.Gettid());
+            Pokes?.TextPoke(block.Address, Int3s(code.Length), code, now, LinuxOs.Gettid());
+            Jit?.CodeLoad(block.Address, code, name, LinuxOs.Gettid(), now);
         }
-
-        Jit?.CodeLoad(block.Address, code, name, LinuxOs.Gettid(), now);
+        catch (IOException)
+        {
+            // A trace that cannot write does not stop the host's code: the failure stays with the
+            // writer, refuses the next patch batch and is thrown by StopTracing.
+        }
     }
 
-    /// <summary>Blocks a patch batch changed, as they are now.</summary>
-    public void Patched(IReadOnlyList<(ulong Address, int Length, string Name)> blocks) => Jit?.CodeLoads(blocks, LinuxOs.Gettid());
+    /// <summary>
+    /// Blocks a patch batch changed, as they are now. Runs after the batch is applied, so it never throws
+    /// for a failed trace (the engine's view of the sites must follow the bytes): see <see cref="Published"/>.
+    /// </summary>
+    public void Patched(IReadOnlyList<(ulong Address, int Length, string Name)> blocks)
+    {
+        try
+        {
+            Jit?.CodeLoads(blocks, LinuxOs.Gettid());
+        }
+        catch (IOException)
+        {
+        }
+    }
 
     /// <summary>Blocks published before the trace started, as they were at its start.</summary>
     public void Existing(IReadOnlyList<(ulong Address, int Length, string Name)> blocks) => Jit?.CodeLoads(blocks, LinuxOs.Gettid(), StartTime);
 
-    public void RegionReserved(ulong start, ulong size) => Pokes?.Mmap2(start, size, MemfdPageProvider.MapsName, PerfDataWriter.Now());
+    public void RegionReserved(ulong start, ulong size)
+    {
+        try
+        {
+            Pokes?.Mmap2(start, size, MemfdPageProvider.MapsName, PerfDataWriter.Now());
+        }
+        catch (IOException)
+        {
+        }
+    }
 
     public void BlockFreeing(ulong address, ReadOnlySpan<byte> code)
     {
-        if (Pokes is null)
+        try
         {
-            return;
+            Pokes?.TextPoke(address, code, Int3s(code.Length), PerfDataWriter.Now(), LinuxOs.Gettid());
         }
-
-        Pokes.TextPoke(address, code, Int3s(code.Length), PerfDataWriter.Now(), LinuxOs.Gettid());
+        catch (IOException)
+        {
+        }
     }
+
+    /// <summary>Waits until every record submitted so far is on file.</summary>
+    /// <exception cref="IOException">A write failed; the trace is incomplete.</exception>
+    public void Flush()
+    {
+        Pokes?.Flush();
+        Jit?.Flush();
+    }
+
+    /// <summary>The first failed write of the trace's files, if any (after <see cref="Dispose"/>: of the whole trace).</summary>
+    public IOException? Failure => Pokes?.Failure ?? Jit?.Failure;
 
     public TraceSummary Summary() => new(Directory, [.. _files], Pokes?.TextPokeRecords ?? 0, Jit?.Loads ?? 0);
 

@@ -60,6 +60,9 @@ internal static unsafe partial class PatcherOs
     [LibraryImport(Libc, EntryPoint = "mprotect", SetLastError = true)]
     public static partial int Mprotect(nint address, nuint length, int protection);
 
+    [LibraryImport(Libc, EntryPoint = "nanosleep")]
+    private static partial int Nanosleep(long* request, long* remaining);
+
     [LibraryImport(Libc, EntryPoint = "__libc_current_sigrtmin")]
     public static partial int SigRtMin();
 
@@ -67,6 +70,13 @@ internal static unsafe partial class PatcherOs
     public static partial int SigRtMax();
 
     public static long Membarrier(int command) => Syscall3(SysMembarrier, command, 0, 0);
+
+    /// <summary>Sleeps for about <paramref name="microseconds"/> (a timer on this thread's CPU: nobody has to wake it).</summary>
+    public static void SleepMicroseconds(long microseconds)
+    {
+        var request = stackalloc long[2] { microseconds / 1_000_000, microseconds % 1_000_000 * 1000 };
+        _ = Nanosleep(request, null);   // EINTR (a flush signal) only ends the sleep early
+    }
 
     public static int LastErrno => Marshal.GetLastPInvokeError();
 

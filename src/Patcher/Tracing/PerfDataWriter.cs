@@ -1,5 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Text;
 
 namespace Optpoline.Patcher.Tracing;
@@ -8,8 +10,10 @@ namespace Optpoline.Patcher.Tracing;
 /// Writes a perf.data file (the format <c>perf report</c> and <c>perf script</c> read) that holds one
 /// dummy software event with <c>text_poke</c> set and a PERF_RECORD_TEXT_POKE for every change to
 /// code, with old and new bytes, CLOCK_MONOTONIC time, pid and tid (<c>perf record -k mono</c> uses the
-/// same clock). Each record is flushed and the header's data size updated as it is written (one write per
-/// patch batch), so a crash loses at most the batch in flight. Thread safe.
+/// same clock). Records are written in the order they are submitted, one write per submission (a patch
+/// batch is one), each followed by the header's data size: write-through in the submitting call, or
+/// write-behind on the writer's own thread (see <see cref="WriteBehind"/>). Either way a crash loses at
+/// most what was submitted and not yet written, which <see cref="Flush"/> bounds. Thread safe.
 /// </summary>
 /// <remarks>
 /// Layout (tools/perf/Documentation/perf.data-file-format.txt): a 104-byte header ("PERFILE2", size,
@@ -36,13 +40,24 @@ public sealed class PerfDataWriter : IDisposable
 
     private readonly FileStream _file;
     private readonly Lock _lock = new();
-    private readonly ArrayBufferWriter<byte> _scratch = new(64 << 10);   // records are built here, under the lock, then written at once
+    private readonly TraceAppender _appender;
     private readonly int _pid = Environment.ProcessId;
-    private long _dataSize;
     private bool _disposed;
 
-    /// <summary>Creates (or truncates) <paramref name="path"/> and writes the header and the attribute.</summary>
+    /// <summary>Creates (or truncates) <paramref name="path"/> and writes the header and the attribute; records are written through.</summary>
+    /// <exception cref="IOException">The file cannot be created or written.</exception>
     public PerfDataWriter(string path)
+        : this(path, writeBehind: false)
+    {
+    }
+
+    /// <summary>
+    /// Creates (or truncates) <paramref name="path"/> and writes the header and the attribute. With
+    /// <paramref name="writeBehind"/>, records are encoded and written by a background thread in the
+    /// order they were submitted; <see cref="Flush"/> waits for them.
+    /// </summary>
+    /// <exception cref="IOException">The file cannot be created or written.</exception>
+    public PerfDataWriter(string path, bool writeBehind)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         _file = new FileStream(path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read, bufferSize: 0);
@@ -68,16 +83,34 @@ public sealed class PerfDataWriter : IDisposable
         BinaryPrimitives.WriteUInt64LittleEndian(attr[40..], SampleIdAll | UseClockId | TextPoke);
         BinaryPrimitives.WriteInt32LittleEndian(attr[92..], 1);            // clockid: CLOCK_MONOTONIC
         RandomAccess.Write(_file.SafeFileHandle, head, 0);
+        _appender = new TraceAppender(_file.SafeFileHandle, path, DataOffset, writeBehind, WriteDataSize);
     }
+
+    /// <summary>Whether records are written by a background thread (see <see cref="Flush"/>).</summary>
+    public bool WriteBehind => _appender.WriteBehind;
+
+    /// <summary>Test hook: runs before every write of records (it may throw to simulate a failing disk).</summary>
+    internal Action? BeforeWrite
+    {
+        get => _appender.BeforeWrite;
+        set => _appender.BeforeWrite = value;
+    }
+
+    /// <summary>The failure that stopped writing, if a write failed; the file ends before its records.</summary>
+    public IOException? Failure => _appender.Failure;
 
     /// <summary>The file written.</summary>
     public string Path { get; }
 
-    /// <summary>Records written so far.</summary>
+    /// <summary>Records submitted so far (written, or queued to be written).</summary>
     public long Records { get; private set; }
 
-    /// <summary>PERF_RECORD_TEXT_POKE records written so far.</summary>
+    /// <summary>PERF_RECORD_TEXT_POKE records submitted so far.</summary>
     public long TextPokeRecords { get; private set; }
+
+    /// <summary>Waits until every record submitted so far is in the file (at once when written through).</summary>
+    /// <exception cref="IOException">A write failed; the file ends before the records it held.</exception>
+    public void Flush() => _appender.Flush();
 
     /// <summary>CLOCK_MONOTONIC now, in nanoseconds (.NET's Stopwatch reads that clock on Linux).</summary>
     public static ulong Now() => (ulong)(System.Diagnostics.Stopwatch.GetTimestamp() * (1_000_000_000.0 / System.Diagnostics.Stopwatch.Frequency));
@@ -94,63 +127,124 @@ public sealed class PerfDataWriter : IDisposable
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
-            _scratch.ResetWrittenCount();
-            var records = AddTextPoke(_scratch, address, oldBytes, newBytes, time, tid);
-            Append(_scratch.WrittenSpan, records, records);
+            var size = ChangeSize(oldBytes.Length, newBytes.Length);
+            var records = new byte[size];
+            var count = EncodeChange(records, address, oldBytes, newBytes, SampleIdOf(tid), time);
+            Submit(records, size, count, count);
         }
     }
 
     /// <summary>
     /// Appends one PERF_RECORD_TEXT_POKE per patch with one write, all with the same time (one patch
-    /// batch): a crash loses the batch in flight or nothing.
+    /// batch): a crash loses the batch in flight or nothing. Same as <see cref="PrepareTextPokes"/> and
+    /// <see cref="SubmitTextPokes"/> at once.
     /// </summary>
-    public void TextPokes(IReadOnlyList<CodePatch> patches, ulong time, int tid)
+    public void TextPokes(IReadOnlyList<CodePatch> patches, ulong time, int tid) => SubmitTextPokes(PrepareTextPokes(patches, tid), time);
+
+    /// <summary>
+    /// Encodes the records of a batch without their time, so that the patcher can do it before the int3
+    /// window opens (encoding 1000 records takes tens of microseconds, which would keep the window open
+    /// that much longer: every thread that arrives in it traps); <see cref="SubmitTextPokes"/> stamps the
+    /// time and queues them.
+    /// </summary>
+    public PreparedTextPokes PrepareTextPokes(IReadOnlyList<CodePatch> patches, int tid)
     {
         ArgumentNullException.ThrowIfNull(patches);
-        lock (_lock)
+        var size = 0;
+        for (var i = 0; i < patches.Count; i++)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
-            _scratch.ResetWrittenCount();
+            size += ChangeSize(patches[i].Length, patches[i].Length);
+        }
 
-            // Patches are small (at most a few dozen bytes): size the buffer once and lay the records
-            // out in it directly. This runs inside the batch's int3 window, so it is kept lean.
-            var total = 0;
-            var small = true;
-            for (var i = 0; i < patches.Count; i++)
+        var records = new byte[size];
+        var sampleId = SampleIdOf(tid);
+        var at = 0;
+        var count = 0;
+        for (var i = 0; i < patches.Count; i++)
+        {
+            var patch = patches[i];
+            var length = patch.Length;
+            if (length <= 16)
             {
-                var length = patches[i].Length;
-                small &= length <= MaxPokeBytes;
-                total += PokeSize(length, length);
-            }
-
-            var records = 0;
-            if (small)
-            {
-                var span = _scratch.GetSpan(total);
-                var sampleId = SampleIdOf(tid);
-                var at = 0;
-                for (var i = 0; i < patches.Count; i++)
-                {
-                    var patch = patches[i];
-                    var length = patch.Length;
-                    var size = PokeSize(length, length);
-                    EncodePoke(span.Slice(at, size), patch.Address, patch.Expected.Span, patch.Replacement.Span, sampleId, time);
-                    at += size;
-                }
-
-                _scratch.Advance(total);
-                records = patches.Count;
+                at += EncodeSmall(records.AsSpan(at, PokeSize(length, length)), patch, sampleId);
+                count++;
             }
             else
             {
-                for (var i = 0; i < patches.Count; i++)
-                {
-                    var patch = patches[i];
-                    records += AddTextPoke(_scratch, patch.Address, patch.Expected.Span, patch.Replacement.Span, time, tid);
-                }
+                count += EncodeChange(records.AsSpan(at), patch.Address, patch.Expected.Span, patch.Replacement.Span, sampleId, 0);
+                at += ChangeSize(length, length);
+            }
+        }
+
+        return new PreparedTextPokes(records, size, count);
+    }
+
+    /// <summary>
+    /// <see cref="EncodePoke"/> for a patch of at most 16 bytes (nearly all of them), with whole-word
+    /// stores: a batch encodes a thousand of these. Returns the record's size. Time is left 0.
+    /// </summary>
+    private static int EncodeSmall(Span<byte> record, CodePatch patch, ulong sampleId)
+    {
+        var length = patch.Length;
+        var size = record.Length;   // PokeSize(length, length): a multiple of 8, at least 40
+        ref var r = ref MemoryMarshal.GetReference(record);
+        for (var offset = 16; offset < size - 16; offset += 8)
+        {
+            Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, offset), 0UL);
+        }
+
+        Unsafe.WriteUnaligned(ref r, RecordTextPoke | ((ulong)size << 48));
+        Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, 8), patch.Address);
+        Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, 16), (uint)length | ((uint)length << 16));
+        CopySmall(ref Unsafe.Add(ref r, 20), patch.Expected.Span);
+        CopySmall(ref Unsafe.Add(ref r, 20 + length), patch.Replacement.Span);
+        Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, size - 16), sampleId);
+        Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, size - 8), 0UL);
+        return size;
+    }
+
+    /// <summary>Copies 1 to 16 bytes with at most two overlapping loads and stores.</summary>
+    private static void CopySmall(ref byte destination, ReadOnlySpan<byte> source)
+    {
+        ref var s = ref MemoryMarshal.GetReference(source);
+        var n = source.Length;
+        if (n >= 8)
+        {
+            Unsafe.WriteUnaligned(ref destination, Unsafe.ReadUnaligned<ulong>(ref s));
+            Unsafe.WriteUnaligned(ref Unsafe.Add(ref destination, n - 8), Unsafe.ReadUnaligned<ulong>(ref Unsafe.Add(ref s, n - 8)));
+        }
+        else if (n >= 4)
+        {
+            Unsafe.WriteUnaligned(ref destination, Unsafe.ReadUnaligned<uint>(ref s));
+            Unsafe.WriteUnaligned(ref Unsafe.Add(ref destination, n - 4), Unsafe.ReadUnaligned<uint>(ref Unsafe.Add(ref s, n - 4)));
+        }
+        else
+        {
+            for (var i = 0; i < n; i++)
+            {
+                Unsafe.Add(ref destination, i) = Unsafe.Add(ref s, i);
+            }
+        }
+    }
+
+    /// <summary>Stamps <paramref name="time"/> on prepared records and appends them with one write.</summary>
+    /// <exception cref="InvalidOperationException">They were submitted already.</exception>
+    public void SubmitTextPokes(PreparedTextPokes prepared, ulong time)
+    {
+        ArgumentNullException.ThrowIfNull(prepared);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            var records = prepared.Take();
+            var span = records.AsSpan(0, prepared.Length);
+            for (var at = 0; at < span.Length;)
+            {
+                var size = BinaryPrimitives.ReadUInt16LittleEndian(span[(at + 6)..]);
+                BinaryPrimitives.WriteUInt64LittleEndian(span[(at + size - 8)..], time);
+                at += size;
             }
 
-            Append(_scratch.WrittenSpan, records, records);
+            Submit(records, prepared.Length, prepared.Count, prepared.Count);
         }
     }
 
@@ -187,17 +281,32 @@ public sealed class PerfDataWriter : IDisposable
         }
     }
 
-    private int AddTextPoke(ArrayBufferWriter<byte> buffer, ulong address, ReadOnlySpan<byte> oldBytes, ReadOnlySpan<byte> newBytes, ulong time, int tid)
+    /// <summary>Bytes of the records of one change (split every <see cref="MaxPokeBytes"/> when the lengths are equal).</summary>
+    private static int ChangeSize(int oldLength, int newLength)
+    {
+        if (oldLength != newLength || oldLength <= MaxPokeBytes)
+        {
+            return PokeSize(oldLength, newLength);
+        }
+
+        var full = oldLength / MaxPokeBytes;
+        var rest = oldLength % MaxPokeBytes;
+        return (full * PokeSize(MaxPokeBytes, MaxPokeBytes)) + (rest == 0 ? 0 : PokeSize(rest, rest));
+    }
+
+    /// <summary>Lays out the records of one change at the start of <paramref name="into"/>; returns how many.</summary>
+    private static int EncodeChange(Span<byte> into, ulong address, ReadOnlySpan<byte> oldBytes, ReadOnlySpan<byte> newBytes, ulong sampleId, ulong time)
     {
         var records = 0;
         var offset = 0;
+        var at = 0;
         do
         {
             var oldPart = oldBytes.Length == newBytes.Length ? oldBytes.Slice(offset, Math.Min(MaxPokeBytes, oldBytes.Length - offset)) : oldBytes;
             var newPart = oldBytes.Length == newBytes.Length ? newBytes.Slice(offset, oldPart.Length) : newBytes;
             var size = PokeSize(oldPart.Length, newPart.Length);
-            EncodePoke(buffer.GetSpan(size)[..size], address + (ulong)offset, oldPart, newPart, SampleIdOf(tid), time);
-            buffer.Advance(size);
+            EncodePoke(into.Slice(at, size), address + (ulong)offset, oldPart, newPart, sampleId, time);
+            at += size;
             records++;
             offset += Math.Max(oldPart.Length, newPart.Length);
         }
@@ -218,7 +327,11 @@ public sealed class PerfDataWriter : IDisposable
         BinaryPrimitives.WriteInt32LittleEndian(span[12..], tid);
         text.CopyTo(span[16..]);
         SampleId(span[(8 + padded)..], tid, time);
-        Append(record);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            Submit(record, record.Length, 1, 0);
+        }
     }
 
     /// <summary>Appends a PERF_RECORD_MMAP2 for an executable mapping (a code region's RX view).</summary>
@@ -240,10 +353,16 @@ public sealed class PerfDataWriter : IDisposable
         BinaryPrimitives.WriteUInt32LittleEndian(span[68..], 1);           // flags: MAP_SHARED
         text.CopyTo(span[72..]);
         SampleId(span[(8 + padded)..], _pid, time);
-        Append(record);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            Submit(record, record.Length, 1, 0);
+        }
     }
 
-    /// <summary>Finishes the file.</summary>
+    /// <summary>
+    /// Writes what is queued and closes the file. Does not throw: a failed write is in <see cref="Failure"/>.
+    /// </summary>
     public void Dispose()
     {
         lock (_lock)
@@ -251,6 +370,7 @@ public sealed class PerfDataWriter : IDisposable
             if (!_disposed)
             {
                 _disposed = true;
+                _appender.Dispose();
                 _file.Dispose();
             }
         }
@@ -270,21 +390,40 @@ public sealed class PerfDataWriter : IDisposable
         BinaryPrimitives.WriteUInt64LittleEndian(span[8..], time);
     }
 
-    private void Append(byte[] record) => Append(record, 1, 0);
-
-    private void Append(ReadOnlySpan<byte> records, int count, int pokes)
+    /// <summary>Under the lock: hands encoded records to the appender, in the order of these calls, and counts them.</summary>
+    private void Submit(byte[] records, int length, int count, int pokes)
     {
-        lock (_lock)
-        {
-            ObjectDisposedException.ThrowIf(_disposed, this);
-            // Records first, then the header's data size: a reader never sees a size beyond the records.
-            RandomAccess.Write(_file.SafeFileHandle, records, DataOffset + _dataSize);
-            _dataSize += records.Length;
-            Span<byte> size = stackalloc byte[8];
-            BinaryPrimitives.WriteUInt64LittleEndian(size, (ulong)_dataSize);
-            RandomAccess.Write(_file.SafeFileHandle, size, 48);
-            Records += count;
-            TextPokeRecords += pokes;
-        }
+        _appender.Submit(records, length);
+        Records += count;
+        TextPokeRecords += pokes;
     }
+
+    /// <summary>After records are written: the header's data size, so a reader never sees a size beyond them.</summary>
+    private static void WriteDataSize(Microsoft.Win32.SafeHandles.SafeFileHandle file, long end)
+    {
+        Span<byte> size = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64LittleEndian(size, (ulong)(end - DataOffset));
+        RandomAccess.Write(file, size, 48);
+    }
+}
+
+/// <summary>The encoded TEXT_POKE records of one batch, waiting for their time (<see cref="PerfDataWriter.PrepareTextPokes"/>).</summary>
+public sealed class PreparedTextPokes
+{
+    private byte[]? _records;
+
+    internal PreparedTextPokes(byte[] records, int length, int count)
+    {
+        _records = records;
+        Length = length;
+        Count = count;
+    }
+
+    /// <summary>Bytes of the records.</summary>
+    public int Length { get; }
+
+    /// <summary>Number of records.</summary>
+    public int Count { get; }
+
+    internal byte[] Take() => Interlocked.Exchange(ref _records, null) ?? throw new InvalidOperationException("These text pokes were submitted already.");
 }
