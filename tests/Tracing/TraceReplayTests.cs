@@ -151,9 +151,7 @@ public sealed class TraceReplayTests
     public int Written_behind_a_batchs_records_are_on_disk_before_the_next_batch_writes(bool skipWait)
     {
         using var engine = new OptpolineEngine();
-        var targets = Support.ChecksumCode.EmitTargets(engine, 3);
-        var site = engine.CreateInlineSite(Register.RAX, 2, "behind_site");
-        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        var (site, targets) = DrivenSite(engine, 2, "behind_site", targetCount: 3);
         engine.StartTracing(new TracingOptions { Directory = _directory, JitDump = false });
         var pokes = engine.Scheduler.Patcher.Trace!;
         Assert.That(pokes.WriteBehind, Is.True, "write-behind is the default");
@@ -190,9 +188,7 @@ public sealed class TraceReplayTests
     public void A_failed_trace_write_refuses_later_batches_until_the_trace_stops()
     {
         using var engine = new OptpolineEngine();
-        var targets = Support.ChecksumCode.EmitTargets(engine, 2);
-        var site = engine.CreateInlineSite(Register.RAX, 2, "failing_site");
-        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        var (site, targets) = DrivenSite(engine, 2, "failing_site", targetCount: 2);
         engine.StartTracing(new TracingOptions { Directory = _directory });
         site.Promote([targets[0]]);
         var trace = engine.Scheduler.Patcher.Trace!;
@@ -218,9 +214,7 @@ public sealed class TraceReplayTests
     public void A_jitdump_write_failing_after_a_batch_is_applied_leaves_the_engine_consistent()
     {
         using var engine = new OptpolineEngine();
-        var targets = Support.ChecksumCode.EmitTargets(engine, 2);
-        var site = engine.CreateInlineSite(Register.RAX, 2, "after_site");
-        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        var (site, targets) = DrivenSite(engine, 2, "after_site", targetCount: 2);
         engine.StartTracing(new TracingOptions { Directory = _directory, WriteThrough = true });
         engine.Tracing!.Jit!.BeforeWrite = () => throw new IOException("No space left on device (test)");
 
@@ -238,9 +232,7 @@ public sealed class TraceReplayTests
     public void A_promotion_that_waited_for_a_grace_period_fails_cleanly_when_the_trace_cannot_write()
     {
         using var engine = new OptpolineEngine();
-        var targets = Support.ChecksumCode.EmitTargets(engine, 2);
-        var site = engine.CreateInlineSite(Register.RAX, 1, "waiting_site");
-        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        var (site, targets) = DrivenSite(engine, 1, "waiting_site", targetCount: 2);
         engine.StartTracing(new TracingOptions { Directory = _directory });
         site.Promote([targets[0]]);
         var trace = engine.Scheduler.Patcher.Trace!;
@@ -312,6 +304,15 @@ public sealed class TraceReplayTests
         Assert.That(() => engine.StartTracing(new TracingOptions { Directory = _directory, TextPokes = false, JitDump = false }), Throws.ArgumentException.With.Message.Contains("no output"));
         Assert.That(Directory.Exists(_directory), Is.False);
         Assert.That(() => engine.PublishCode(new CodeBlock(), "x"), Throws.ArgumentException.With.Message.Contains("not a live block"));
+    }
+
+    /// <summary>An inline site on RAX with a driver that calls through it, and targets for it.</summary>
+    private static (InlineSite Site, ulong[] Targets) DrivenSite(OptpolineEngine engine, int slots, string name, int targetCount)
+    {
+        var targets = Support.ChecksumCode.EmitTargets(engine, targetCount);
+        var site = engine.CreateInlineSite(Register.RAX, slots, name);
+        Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
+        return (site, targets);
     }
 
     private static unsafe byte[] Live(ulong address, int length) => new ReadOnlySpan<byte>((void*)address, length).ToArray();
