@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
@@ -53,8 +52,8 @@ public sealed class PerfDataWriter : IDisposable
 
     /// <summary>
     /// Creates (or truncates) <paramref name="path"/> and writes the header and the attribute. With
-    /// <paramref name="writeBehind"/>, records are encoded and written by a background thread in the
-    /// order they were submitted; <see cref="Flush"/> waits for them.
+    /// <paramref name="writeBehind"/>, records (encoded when they are submitted) are written by a
+    /// background thread in the order they were submitted; <see cref="Flush"/> waits for them.
     /// </summary>
     /// <exception cref="IOException">The file cannot be created or written.</exception>
     public PerfDataWriter(string path, bool writeBehind)
