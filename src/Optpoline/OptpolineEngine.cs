@@ -83,7 +83,7 @@ public sealed partial class OptpolineEngine : IDisposable
 
         Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
         patcher.AfterApply = Republish;
-        patcher.BeforeArm = () => _tracing?.Flush();
+        patcher.BeforeArm = () => _tracing?.Jit?.Flush();   // the patcher flushes its own Trace (the text pokes)
         Publish(_thunks.Block, "optpoline_thunks");
         _promotion = Options.Learning.Enabled ? PromotionMode.Learn : PromotionMode.Static;
         _epochInterval = Options.Learning.EpochInterval;
