@@ -41,15 +41,20 @@ public static class Program
 
     /// <summary>
     /// What tracing adds to a 1000-site batch, measured interleaved in one process: rounds of untraced,
-    /// traced (text pokes and jitdump), text pokes only, jitdump only, and both written through, 48
-    /// promote+demote pairs each after 8 for warm-up; the medians over the rounds, and the engine's own
-    /// count of the time spent recording on the batch's thread. Interleaving cancels the drift that
-    /// separates BenchmarkDotNet's per-method runs. <c>--only MODE</c> runs one mode, <c>--verbose</c>
-    /// prints every round (the first few are slower: tiering settles after about a thousand batches).
+    /// traced (text pokes and jitdump), text pokes only and jitdump only, 96 batches each (promote and
+    /// demote in turn, each timed on its own) after 16 for warm-up; each round's ratio to the untraced
+    /// round next to it, and the median of those, which cancels the drift that separates
+    /// BenchmarkDotNet's cases on a shared VM; also the engine's own count of the time spent recording on
+    /// the batch's thread. <c>--gap MS</c> sleeps that long before each batch (latency, with idle time as
+    /// a host has it; default 0: back to back), <c>--keep</c> keeps one trace running for the whole run
+    /// instead of a fresh one each round, <c>--only MODE</c> runs one mode, <c>--verbose</c> prints every
+    /// round (the first few are slower: tiering settles after about a thousand batches).
     /// </summary>
     private static int TraceCostInterleaved(string[] args)
     {
         var rounds = Option(args, "--rounds", 12);
+        var gap = Option(args, "--gap", 0);
+        var keep = args.Contains("--keep");
         var root = Environment.GetEnvironmentVariable("OPTPOLINE_BENCH_TRACE_DIR") ?? (Directory.Exists("/dev/shm") ? "/dev/shm" : Path.GetTempPath());
         var directory = Path.Combine(root, $"optpoline-tracecost-{Environment.ProcessId}");
         using var engine = new OptpolineEngine();
@@ -57,7 +62,7 @@ public static class Program
         var sites = SiteBlock.Emit(engine, 1000);
         List<Optpoline.Sites.SiteUpdate> promote = [.. sites.Select(s => new Optpoline.Sites.SiteUpdate(s, [target]))];
         List<Optpoline.Sites.SiteUpdate> demote = [.. sites.Select(s => new Optpoline.Sites.SiteUpdate(s, []))];
-        var modes = new[] { "untraced", "both", "text pokes", "jitdump", "both, write-through" };
+        var modes = new[] { "untraced", "both", "text pokes", "jitdump" };
         if (args.Contains("--only"))
         {
             modes = [args[Array.IndexOf(args, "--only") + 1]];
@@ -69,9 +74,9 @@ public static class Program
         {
             foreach (var mode in modes)
             {
-                if (mode != "untraced")
+                if (mode != "untraced" && (!keep || round == 0))
                 {
-                    engine.StartTracing(new Optpoline.Tracing.TracingOptions { Directory = directory, TextPokes = mode != "jitdump", JitDump = mode != "text pokes", WriteThrough = mode.EndsWith("write-through", StringComparison.Ordinal) });
+                    engine.StartTracing(new Optpoline.Tracing.TracingOptions { Directory = directory, TextPokes = mode != "jitdump", JitDump = mode != "text pokes" });
                 }
 
                 GC.Collect();
@@ -82,16 +87,30 @@ public static class Program
                 }
 
                 var before = engine.PatchStatistics;
-                var clock = System.Diagnostics.Stopwatch.StartNew();
-                for (var i = 0; i < 48; i++)
+                var elapsed = 0L;
+                for (var i = 0; i < 96; i++)
                 {
-                    engine.PromoteAsync(promote).Wait();
-                    engine.PromoteAsync(demote).Wait();
+                    if (gap > 0)
+                    {
+                        Thread.Sleep(gap);
+                    }
+
+                    var start = System.Diagnostics.Stopwatch.GetTimestamp();
+                    engine.PromoteAsync(i % 2 == 0 ? promote : demote).Wait();
+                    elapsed += System.Diagnostics.Stopwatch.GetTimestamp() - start;
                 }
 
-                wall[mode].Add(clock.Elapsed.TotalMicroseconds / 96);
+                wall[mode].Add(elapsed * 1e6 / System.Diagnostics.Stopwatch.Frequency / 96);
                 recording[mode].Add((engine.PatchStatistics.RecordTime - before.RecordTime).TotalMicroseconds / 96);
-                engine.StopTracing();
+                if (args.Contains("--counts") && engine.Tracing is { } t)
+                {
+                    Console.WriteLine($"{mode}: loads {t.Jit?.Loads} pokes {t.Pokes?.Records} textpokes {t.Pokes?.TextPokeRecords}");
+                }
+
+                if (!keep || round == rounds - 1)
+                {
+                    engine.StopTracing();
+                }
             }
         }
 
@@ -104,11 +123,14 @@ public static class Program
         }
 
         static double Median(List<double> values) => values.Order().ElementAt(values.Count / 2);
-        Console.WriteLine($"| recording | batch (median of {rounds} rounds) | vs untraced | recording time per batch |");
+        // Each round's ratio to the untraced batches of the same round (minutes apart at most), then
+        // the median of those: the machine's drift cancels in the pairs.
+        static double Paired(List<double> mode, List<double> baseline) => Median([.. mode.Zip(baseline, (m, b) => m / b)]);
+        Console.WriteLine($"| recording | batch (median of {rounds} rounds) | vs untraced (median of the rounds' ratios) | recording time per batch |");
         Console.WriteLine("|---|---:|---:|---:|");
         foreach (var mode in modes)
         {
-            Console.WriteLine(FormattableString.Invariant($"| {mode} | {Median(wall[mode]):F0} us | {Median(wall[mode]) / Median(wall[modes[0]]):F3}x | {Median(recording[mode]):F0} us |"));
+            Console.WriteLine(FormattableString.Invariant($"| {mode} | {Median(wall[mode]):F0} us | {Paired(wall[mode], wall[modes[0]]):F3}x | {Median(recording[mode]):F0} us |"));
         }
 
         if (Directory.Exists(directory))

@@ -83,7 +83,7 @@ public sealed partial class OptpolineEngine : IDisposable
 
         Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
         patcher.AfterApply = Republish;
-        patcher.BeforeArm = () => _tracing?.Jit?.Flush();   // the patcher flushes its own Trace (the text pokes)
+        patcher.BeforeArm = RefuseIfJitDumpFailed;   // the patcher checks its own Trace (the text pokes)
         Publish(_thunks.Block, "optpoline_thunks");
         _promotion = Options.Learning.Enabled ? PromotionMode.Learn : PromotionMode.Static;
         _epochInterval = Options.Learning.EpochInterval;
@@ -789,6 +789,7 @@ public sealed partial class OptpolineEngine : IDisposable
                         .Select(e => (e.Block.Address, e.Block.Size, e.Name))]);
 
                     Scheduler.Patcher.Trace = session.Pokes;
+                    session.HostBusy(() => Scheduler.Busy || Scheduler.Patcher.Busy);
                     _tracing = session;
                 }
                 catch
@@ -801,22 +802,17 @@ public sealed partial class OptpolineEngine : IDisposable
         });
     }
 
-    /// <summary>
-    /// Returns once every record the running trace has taken so far is in its files (records are written
-    /// behind unless <see cref="TracingOptions.WriteThrough"/> is set); for a host that reads a trace
-    /// while it runs. Does nothing without a trace.
-    /// </summary>
-    /// <exception cref="IOException">A trace file could not be written; the trace is incomplete.</exception>
-    public void FlushTrace()
+    /// <summary>Before a batch: a jitdump that could not write refuses it (the patcher turns this into a <see cref="PatchRejectedException"/>).</summary>
+    private void RefuseIfJitDumpFailed()
     {
-        lock (_published)
+        if (_tracing?.Jit?.Failure is { } failure)
         {
-            _tracing?.Flush();
+            throw failure;
         }
     }
 
     /// <summary>
-    /// Stops the running trace, if any: writes what is queued and the end image
+    /// Stops the running trace, if any: writes the end image
     /// (<c>snapshot-end.bin</c>), and closes the files. Waits for a patch batch in flight. Returns what
     /// was written, or null when no trace ran.
     /// </summary>

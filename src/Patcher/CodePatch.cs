@@ -21,21 +21,27 @@ public sealed class CodePatch
         }
 
         Address = address;
-        Expected = (byte[])expected.Clone();
-        Replacement = (byte[])replacement.Clone();
+        ExpectedBytes = (byte[])expected.Clone();
+        ReplacementBytes = (byte[])replacement.Clone();
     }
 
     /// <summary>The executable address of the first byte.</summary>
     public ulong Address { get; }
 
     /// <summary>The bytes that must be at <see cref="Address"/> before the patch is applied.</summary>
-    public ReadOnlyMemory<byte> Expected { get; }
+    public ReadOnlyMemory<byte> Expected => ExpectedBytes;
 
     /// <summary>The bytes written by the patch.</summary>
-    public ReadOnlyMemory<byte> Replacement { get; }
+    public ReadOnlyMemory<byte> Replacement => ReplacementBytes;
 
     /// <summary>Length in bytes.</summary>
-    public int Length => Replacement.Length;
+    public int Length => ReplacementBytes.Length;
+
+    /// <summary>The expected bytes themselves (this patch's own copy, never changed): for encoders that take a thousand patches at a time.</summary>
+    internal byte[] ExpectedBytes { get; }
+
+    /// <summary>The replacement bytes themselves (this patch's own copy, never changed).</summary>
+    internal byte[] ReplacementBytes { get; }
 
     /// <summary>Whether applying the patch would change nothing.</summary>
     public bool IsNoOp => Expected.Span.SequenceEqual(Replacement.Span);

@@ -76,14 +76,28 @@ public sealed unsafe class LivePatcher
     public Action<IReadOnlyList<CodePatch>>? BeforeVisible { get; set; }
 
     /// <summary>
-    /// Called under the patch lock before a batch writes anything (the engine waits here until its
-    /// trace has written the records of earlier batches). An <see cref="IOException"/> from it refuses
-    /// the batch with a <see cref="PatchRejectedException"/>.
+    /// Called under the patch lock before a batch writes anything (the engine checks its jitdump here).
+    /// An <see cref="IOException"/> from it refuses the batch with a <see cref="PatchRejectedException"/>.
     /// </summary>
     public Action? BeforeArm { get; set; }
 
-    /// <summary>Test-only broken variant: a batch starts without waiting for the trace's earlier records.</summary>
-    internal bool SkipTraceWait { get; set; }
+    /// <summary>Whether a batch (of any patcher of this process) is being applied now; asking takes the patch lock for an instant when it is free.</summary>
+    internal bool Busy
+    {
+        get
+        {
+            if (!_runtime.PatchLock.TryEnter())
+            {
+                return true;
+            }
+
+            _runtime.PatchLock.Exit();
+            return false;
+        }
+    }
+
+    /// <summary>Test-only broken variant: the text pokes are written after the first bytes are restored.</summary>
+    internal bool RecordAfterVisible { get; set; }
 
     /// <summary>Called after a batch is complete (every patch visible), with the patches written.</summary>
     public Action<IReadOnlyList<CodePatch>>? AfterApply { get; set; }
@@ -93,8 +107,9 @@ public sealed unsafe class LivePatcher
     /// record is submitted, with its time, after the tails and before the first bytes are restored, as
     /// the kernel emits it: from then on the change can be visible to other threads, and a decoder that
     /// sees an int3 at the record's address between its time and the next core sync knows the old or
-    /// the new bytes apply. A write-through writer has it on file before the first byte is restored; a
-    /// write-behind writer writes it on its own thread, and the next batch waits until it is on file.
+    /// the new bytes apply. The record is on file before the first byte is restored, so a crash never
+    /// leaves a visible change without its record. A writer whose write failed refuses every later batch
+    /// before it writes anything (<see cref="PatchRejectedException"/>).
     /// </summary>
     public PerfDataWriter? Trace { get; set; }
 
@@ -131,16 +146,16 @@ public sealed unsafe class LivePatcher
                 return 0;
             }
 
-            // The records of earlier batches are on file before this one starts (a crash loses at most
-            // the batch in flight); a trace that cannot write refuses the batch, with nothing written.
+            // A trace that could not write refuses the batch, with nothing written.
             var waitStart = Stopwatch.GetTimestamp();
             try
             {
-                if (!SkipTraceWait)
+                if (Trace?.Failure is { } failed)
                 {
-                    Trace?.Flush();
-                    BeforeArm?.Invoke();
+                    throw failed;
                 }
+
+                BeforeArm?.Invoke();
             }
             catch (IOException failure)
             {
@@ -178,7 +193,7 @@ public sealed unsafe class LivePatcher
 
                 CoreSync();
                 var recordStart = Stopwatch.GetTimestamp();
-                if (prepared is not null)
+                if (prepared is not null && !RecordAfterVisible)
                 {
                     Trace!.SubmitTextPokes(prepared, PerfDataWriter.Now());
                 }
@@ -194,6 +209,10 @@ public sealed unsafe class LivePatcher
                 }
 
                 CoreSync();
+                if (prepared is not null && RecordAfterVisible)
+                {
+                    Trace!.SubmitTextPokes(prepared, PerfDataWriter.Now());
+                }
             }
             catch (Exception failure) when (armed > 0)
             {

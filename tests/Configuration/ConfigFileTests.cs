@@ -16,7 +16,7 @@ public sealed class ConfigFileTests
               /* and block comments */
               "patching": { "suspended": true, "flushTimeoutMilliseconds": 250 },
               "sites": { "include": ["vm_*"], "exclude": ["vm_slow?", "*_cold"] },
-              "tracing": { "directory": "traces", "textPokes": false, "jitDump": true, "writeThrough": true },
+              "tracing": { "directory": "traces", "textPokes": false, "jitDump": true },
             }
             """, "test.json");
         Assert.That(config.Promotion.Enabled, Is.False);
@@ -33,7 +33,6 @@ public sealed class ConfigFileTests
         Assert.That(config.Sites.Exclude, Is.EqualTo(new[] { "vm_slow?", "*_cold" }));
         Assert.That(config.Tracing.Directory, Is.EqualTo("traces"));
         Assert.That(config.Tracing.TextPokes, Is.False);
-        Assert.That(config.Tracing.WriteThrough, Is.True);
     }
 
     [Test]
@@ -45,7 +44,7 @@ public sealed class ConfigFileTests
         var fromSample = ConfigFile.Load(sample);
         Assert.That(ConfigFile.Serialize(fromSample), Is.EqualTo(ConfigFile.Serialize(defaults)), "the sample holds the defaults");
         var text = File.ReadAllText(sample);
-        foreach (var key in new[] { "enabled", "mode", "fallback", "inlineSlots", "background", "samplePeriod", "epochMilliseconds", "ringCapacity", "profile", "suspended", "flushTimeoutMilliseconds", "include", "exclude", "directory", "textPokes", "jitDump", "writeThrough" })
+        foreach (var key in new[] { "enabled", "mode", "fallback", "inlineSlots", "background", "samplePeriod", "epochMilliseconds", "ringCapacity", "profile", "suspended", "flushTimeoutMilliseconds", "include", "exclude", "directory", "textPokes", "jitDump" })
         {
             Assert.That(text, Does.Contain($"\"{key}\""), $"the sample documents {key}");
         }

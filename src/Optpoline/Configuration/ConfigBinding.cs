@@ -230,7 +230,7 @@ internal sealed class ConfigBinding : IDisposable
     {
         var running = engine.TraceDirectory;
         var target = wanted.Directory is null ? null : System.IO.Path.GetFullPath(wanted.Directory, System.IO.Path.GetDirectoryName(Path) ?? Environment.CurrentDirectory);
-        var sameOutputs = wanted.TextPokes == previous.TextPokes && wanted.JitDump == previous.JitDump && wanted.WriteThrough == previous.WriteThrough;
+        var sameOutputs = wanted.TextPokes == previous.TextPokes && wanted.JitDump == previous.JitDump;
         if (running == target && (target is null || sameOutputs))
         {
             return;
@@ -239,7 +239,7 @@ internal sealed class ConfigBinding : IDisposable
         engine.StopTracing();
         if (target is not null)
         {
-            engine.StartTracing(new TracingOptions { Directory = target, TextPokes = wanted.TextPokes, JitDump = wanted.JitDump, WriteThrough = wanted.WriteThrough });
+            engine.StartTracing(new TracingOptions { Directory = target, TextPokes = wanted.TextPokes, JitDump = wanted.JitDump });
         }
     }
 

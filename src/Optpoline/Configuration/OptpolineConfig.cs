@@ -96,9 +96,6 @@ public sealed class TracingConfig
 
     /// <summary><c>tracing.jitDump</c>: jit-PID.dump for perf inject. Default true.</summary>
     public bool JitDump { get; set; } = true;
-
-    /// <summary><c>tracing.writeThrough</c>: write each batch's records before its changes are visible (see <see cref="Tracing.TracingOptions.WriteThrough"/>). Default false.</summary>
-    public bool WriteThrough { get; set; }
 }
 
 /// <summary>Source-generated (de)serialization, so the config works under NativeAOT.</summary>

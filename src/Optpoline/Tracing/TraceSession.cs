@@ -23,7 +23,7 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
         {
             if (options.TextPokes)
             {
-                Pokes = new PerfDataWriter(Path.Combine(Directory, TraceFiles.TextPokes), writeBehind: !options.WriteThrough);
+                Pokes = new PerfDataWriter(Path.Combine(Directory, TraceFiles.TextPokes));
                 _files.Add(Pokes.Path);
                 // A stale end image of an earlier trace would pair with this one's pokes.
                 File.Delete(Path.Combine(Directory, TraceFiles.EndSnapshot));
@@ -31,7 +31,7 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
 
             if (options.JitDump)
             {
-                Jit = new JitDumpWriter(Directory, writeBehind: !options.WriteThrough);
+                Jit = new JitDumpWriter(Directory);
                 _files.Add(Jit.Path);
             }
         }
@@ -49,6 +49,13 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
     public PerfDataWriter? Pokes { get; }
 
     public JitDumpWriter? Jit { get; }
+
+    /// <summary>Tells both writers when the engine is busy, so that mapping their files ahead waits for a quiet moment.</summary>
+    public void HostBusy(Func<bool> busy)
+    {
+        Pokes?.HostBusy = busy;
+        Jit?.HostBusy = busy;
+    }
 
     /// <summary>When the trace started (the start image's time).</summary>
     public ulong StartTime { get; private set; }
@@ -136,14 +143,6 @@ internal sealed class TraceSession : ICodeMemoryObserver, IDisposable
         catch (IOException)
         {
         }
-    }
-
-    /// <summary>Waits until every record submitted so far is on file.</summary>
-    /// <exception cref="IOException">A write failed; the trace is incomplete.</exception>
-    public void Flush()
-    {
-        Pokes?.Flush();
-        Jit?.Flush();
     }
 
     /// <summary>The first failed write of the trace's files, if any (after <see cref="Dispose"/>: of the whole trace).</summary>

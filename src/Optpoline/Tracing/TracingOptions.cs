@@ -16,16 +16,6 @@ public sealed class TracingOptions
     /// <summary>Write <c>jit-PID.dump</c> for <c>perf inject --jit</c>. Default true.</summary>
     public bool JitDump { get; init; } = true;
 
-    /// <summary>
-    /// Write every patch batch's records on the patching thread, before its changes can be visible to
-    /// another thread (inside the batch's int3 window), instead of on the trace's writer threads. Default
-    /// false (write-behind): records are taken with their times in the int3 window as well, and the
-    /// next batch waits until they are on file, so a crash loses at most the last batch's records either
-    /// way; write-through also keeps them when the process dies inside that batch, and costs every batch
-    /// the encoding and the writes (bench/results/TraceCost.md).
-    /// </summary>
-    public bool WriteThrough { get; init; }
-
     internal void Validate()
     {
         if (string.IsNullOrWhiteSpace(Directory))

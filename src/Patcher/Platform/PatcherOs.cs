@@ -28,8 +28,13 @@ internal static unsafe partial class PatcherOs
     public const int ProtRead = 1;
     public const int ProtWrite = 2;
     public const int ProtExec = 4;
+    public const int ProtNone = 0;
+    public const int MapShared = 0x01;
     public const int MapPrivate = 0x02;
+    public const int MapFixed = 0x10;
     public const int MapAnonymous = 0x20;
+    public const int MapNoReserve = 0x4000;
+    public const int MadvPopulateWrite = 23;
 
     public const int ESRCH = 3;
     public const int EINVAL = 22;
@@ -59,6 +64,15 @@ internal static unsafe partial class PatcherOs
 
     [LibraryImport(Libc, EntryPoint = "mprotect", SetLastError = true)]
     public static partial int Mprotect(nint address, nuint length, int protection);
+
+    [LibraryImport(Libc, EntryPoint = "madvise", SetLastError = true)]
+    public static partial int Madvise(nint address, nuint length, int advice);
+
+    [LibraryImport(Libc, EntryPoint = "fallocate", SetLastError = true)]
+    public static partial int Fallocate(int fd, int mode, long offset, long length);
+
+    [LibraryImport(Libc, EntryPoint = "ftruncate", SetLastError = true)]
+    public static partial int Ftruncate(int fd, long length);
 
     [LibraryImport(Libc, EntryPoint = "nanosleep")]
     private static partial int Nanosleep(long* request, long* remaining);

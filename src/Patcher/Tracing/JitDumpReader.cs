@@ -9,7 +9,8 @@ public sealed record JitCodeLoad(long Offset, ulong Time, int Pid, int Tid, ulon
 /// <summary>
 /// Reads a jitdump file (tools/perf/Documentation/jitdump-specification.txt, version 1, little endian):
 /// JIT_CODE_LOAD records are decoded, others (move, debug info, unwinding info, close) are skipped by
-/// their size. A cut-short last record is ignored with a warning; anything else not well formed is
+/// their size. A cut-short last record, and zeros after the last record (a writer that did not finish
+/// leaves the space it allocated ahead), are ignored with a warning; anything else not well formed is
 /// refused with a <see cref="TraceFormatException"/>.
 /// </summary>
 public sealed class JitDumpReader
@@ -91,6 +92,12 @@ public sealed class JitDumpReader
         while (position < file.Length)
         {
             var rest = file.Length - position;
+            if (!file[position..].ContainsAnyExcept((byte)0))
+            {
+                warnings.Add($"{name}: {rest} bytes of zeros follow the last record at offset {position} (space the writer allocated ahead; it did not finish); ignored.");
+                break;
+            }
+
             if (rest < 16)
             {
                 warnings.Add($"{name}: the last record at offset {position} is cut short ({rest} of 16 header bytes); ignored.");

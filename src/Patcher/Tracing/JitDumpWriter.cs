@@ -10,8 +10,8 @@ namespace Optpoline.Patcher.Tracing;
 /// block gets a JIT_CODE_LOAD when it is published and again, with a fresh <c>code_index</c>, each
 /// time it is patched, so that samples are attributed to the code as it was at their time. The file's
 /// first page is mapped PROT_READ|PROT_EXEC, which is how <c>perf record</c> learns where the dump is.
-/// Records are encoded when a load is submitted (time, code index and the code as it is then); they are
-/// written in that order, write-through or write-behind (see <see cref="PerfDataWriter"/>). Thread safe.
+/// Every record is written, in the order submitted, before the call that submits it returns (see
+/// <see cref="PerfDataWriter"/>). Thread safe.
 /// </summary>
 public sealed class JitDumpWriter : IDisposable
 {
@@ -31,20 +31,18 @@ public sealed class JitDumpWriter : IDisposable
     public static string FileName(int pid) => $"jit-{pid}.dump";
     private bool _disposed;
 
-    /// <summary>Creates <c>jit-&lt;pid&gt;.dump</c> in <paramref name="directory"/> and maps its first page executable; records are written through.</summary>
+    /// <summary>
+    /// Creates <c>jit-&lt;pid&gt;.dump</c> in <paramref name="directory"/> and maps its first page
+    /// executable. Every record is in the file when the call that submits it returns.
+    /// </summary>
     /// <exception cref="IOException">The file cannot be created or mapped.</exception>
     public JitDumpWriter(string directory)
-        : this(directory, writeBehind: false)
+        : this(directory, TraceAppender.FirstExtent)
     {
     }
 
-    /// <summary>
-    /// Creates <c>jit-&lt;pid&gt;.dump</c> in <paramref name="directory"/> and maps its first page
-    /// executable. With <paramref name="writeBehind"/>, records are written by a background thread in
-    /// the order they were submitted; <see cref="Flush"/> waits for them.
-    /// </summary>
-    /// <exception cref="IOException">The file cannot be created or mapped.</exception>
-    public JitDumpWriter(string directory, bool writeBehind)
+    /// <summary>Tests: <paramref name="firstExtent"/> bytes mapped at first (0: none, every record goes through <c>pwrite</c>).</summary>
+    internal JitDumpWriter(string directory, long firstExtent)
     {
         ArgumentException.ThrowIfNullOrEmpty(directory);
         Directory.CreateDirectory(directory);
@@ -68,11 +66,18 @@ public sealed class JitDumpWriter : IDisposable
             throw new IOException($"Mapping {Path} for perf failed: {PatcherOs.Describe(errno)}.");
         }
 
-        _appender = new TraceAppender(_file.SafeFileHandle, Path, HeaderSize, writeBehind, written: null);
+        _appender = new TraceAppender(_file.SafeFileHandle, Path, HeaderSize, sizeField: -1, firstExtent);
     }
 
-    /// <summary>Whether records are written by a background thread (see <see cref="Flush"/>).</summary>
-    public bool WriteBehind => _appender.WriteBehind;
+    /// <summary>Tests: the file's appender (how records were written).</summary>
+    internal TraceAppender Appender => _appender;
+
+    /// <summary>Whether the host is busy: see <see cref="PerfDataWriter.HostBusy"/>.</summary>
+    public Func<bool>? HostBusy
+    {
+        get => _appender.HostBusy;
+        set => _appender.HostBusy = value;
+    }
 
     /// <summary>Test hook: runs before every write of records (it may throw to simulate a failing disk).</summary>
     internal Action? BeforeWrite
@@ -84,14 +89,10 @@ public sealed class JitDumpWriter : IDisposable
     /// <summary>The failure that stopped writing, if a write failed; the file ends before its records.</summary>
     public IOException? Failure => _appender.Failure;
 
-    /// <summary>Waits until every record submitted so far is in the file (at once when written through).</summary>
-    /// <exception cref="IOException">A write failed; the file ends before the records it held.</exception>
-    public void Flush() => _appender.Flush();
-
     /// <summary>The dump file.</summary>
     public string Path { get; }
 
-    /// <summary>JIT_CODE_LOAD records submitted (written, or queued to be written).</summary>
+    /// <summary>JIT_CODE_LOAD records written.</summary>
     public ulong Loads => Interlocked.Read(ref _codeIndex);
 
     /// <summary>Records the code of a block as it is now (at its executable address), at <paramref name="time"/> (null: now).</summary>
@@ -104,8 +105,9 @@ public sealed class JitDumpWriter : IDisposable
             ObjectDisposedException.ThrowIf(_disposed, this);
             var size = LoadSize(name, code.Length);
             var records = new byte[size];
-            AddCodeLoad(records, address, code, name, tid, at, _codeIndex);
-            _appender.Submit(records, size);
+            var header = LoadHeader(records, address, code.Length, name, tid, at, _codeIndex);
+            code.CopyTo(records.AsSpan(header));
+            _appender.Submit(records);
             Interlocked.Increment(ref _codeIndex);
         }
     }
@@ -127,23 +129,29 @@ public sealed class JitDumpWriter : IDisposable
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
-            var size = 0;
+            var headerBytes = 0;
             foreach (var (_, length, name) in blocks)
             {
                 ArgumentNullException.ThrowIfNull(name);
-                size += LoadSize(name, length);
+                ArgumentOutOfRangeException.ThrowIfNegative(length);
+                headerBytes += LoadSize(name, 0);
             }
 
-            // The code is copied once, straight into the records (a batch's blocks can be large).
-            var records = new byte[size];
+            // One gathering write: the headers from one buffer, the code straight from the blocks (a
+            // batch's blocks can be large, and a copy would be a second pass over them).
+            var headers = new byte[headerBytes];
+            var parts = new ReadOnlyMemory<byte>[2 * blocks.Count];
             var offset = 0;
             for (var i = 0; i < blocks.Count; i++)
             {
                 var (address, length, name) = blocks[i];
-                offset += AddCodeLoad(records.AsSpan(offset), address, new ReadOnlySpan<byte>((void*)address, length), name, tid, at, _codeIndex + (ulong)i);
+                var header = LoadHeader(headers.AsSpan(offset), address, length, name, tid, at, _codeIndex + (ulong)i);
+                parts[2 * i] = headers.AsMemory(offset, header);
+                parts[(2 * i) + 1] = new LiveCode((byte*)address, length).Memory;
+                offset += header;
             }
 
-            _appender.Submit(records, size);
+            _appender.Submit(parts);
             Interlocked.Add(ref _codeIndex, (ulong)blocks.Count);
         }
     }
@@ -151,12 +159,16 @@ public sealed class JitDumpWriter : IDisposable
     /// <summary>Bytes of a JIT_CODE_LOAD record: header, pid, tid, vma, code_addr, code_size, code_index, name and NUL, code.</summary>
     private static int LoadSize(string name, int codeLength) => 16 + 8 + 32 + Encoding.UTF8.GetByteCount(name) + 1 + codeLength;
 
-    /// <summary>Lays out one JIT_CODE_LOAD at the start of <paramref name="into"/>; returns its size.</summary>
-    private int AddCodeLoad(Span<byte> into, ulong address, ReadOnlySpan<byte> code, string name, int tid, ulong time, ulong codeIndex)
+    /// <summary>
+    /// Lays out the start of a JIT_CODE_LOAD for <paramref name="codeLength"/> bytes of code at the start
+    /// of <paramref name="into"/>: everything up to the code, which follows it. Returns that length.
+    /// </summary>
+    private int LoadHeader(Span<byte> into, ulong address, int codeLength, string name, int tid, ulong time, ulong codeIndex)
     {
         var nameLength = Encoding.UTF8.GetByteCount(name);
-        var size = 16 + 8 + 32 + nameLength + 1 + code.Length;
-        var span = into[..size];
+        var header = 16 + 8 + 32 + nameLength + 1;
+        var size = header + codeLength;
+        var span = into[..header];
         BinaryPrimitives.WriteUInt32LittleEndian(span, RecordCodeLoad);
         BinaryPrimitives.WriteUInt32LittleEndian(span[4..], (uint)size);
         BinaryPrimitives.WriteUInt64LittleEndian(span[8..], time);
@@ -164,12 +176,27 @@ public sealed class JitDumpWriter : IDisposable
         BinaryPrimitives.WriteInt32LittleEndian(span[20..], tid);
         BinaryPrimitives.WriteUInt64LittleEndian(span[24..], address);         // vma
         BinaryPrimitives.WriteUInt64LittleEndian(span[32..], address);         // code_addr
-        BinaryPrimitives.WriteUInt64LittleEndian(span[40..], (ulong)code.Length);
+        BinaryPrimitives.WriteUInt64LittleEndian(span[40..], (ulong)codeLength);
         BinaryPrimitives.WriteUInt64LittleEndian(span[48..], codeIndex);       // fresh for every load
         Encoding.UTF8.GetBytes(name, span[56..]);
         span[56 + nameLength] = 0;
-        code.CopyTo(span[(56 + nameLength + 1)..]);
-        return size;
+        return header;
+    }
+
+    /// <summary>Live code as <see cref="Memory{T}"/>, for a gathering write that reads it in place.</summary>
+    private sealed unsafe class LiveCode(byte* address, int length) : System.Buffers.MemoryManager<byte>
+    {
+        public override Span<byte> GetSpan() => new(address, length);
+
+        public override System.Buffers.MemoryHandle Pin(int elementIndex = 0) => new(address + elementIndex);
+
+        public override void Unpin()
+        {
+        }
+
+        protected override void Dispose(bool disposing)
+        {
+        }
     }
 
     /// <summary>Writes JIT_CODE_CLOSE and unmaps the marker.</summary>
@@ -189,7 +216,7 @@ public sealed class JitDumpWriter : IDisposable
             BinaryPrimitives.WriteUInt64LittleEndian(record.AsSpan(8), PerfDataWriter.Now());
             try
             {
-                _appender.Submit(record, record.Length);
+                _appender.Submit(record);
             }
             catch (IOException)
             {

@@ -26,8 +26,9 @@ public sealed record PerfComm(long Offset, int Pid, int Tid, ulong Time, string 
 /// <summary>
 /// Reads the records of a perf.data file (the "PERFILE2" format that <see cref="PerfDataWriter"/> and
 /// <c>perf record</c> write): TEXT_POKE, MMAP2 and COMM are decoded, other records are kept as their
-/// type and offset. A file whose last record is cut short (a crash while writing) is read up to it, with
-/// a warning; anything else that is not well formed is refused with a <see cref="TraceFormatException"/>.
+/// type and offset. A file whose last record is cut short (a crash while writing), or whose records are
+/// followed by zeros (space a writer that did not finish allocated ahead), is read up to there, with a
+/// warning; anything else that is not well formed is refused with a <see cref="TraceFormatException"/>.
 /// </summary>
 public sealed class PerfDataReader
 {
@@ -142,6 +143,12 @@ public sealed class PerfDataReader
 
             var type = BinaryPrimitives.ReadUInt32LittleEndian(data[position..]);
             var size = BinaryPrimitives.ReadUInt16LittleEndian(data[(position + 6)..]);
+            if (size == 0 && !data[position..].ContainsAnyExcept((byte)0))
+            {
+                warnings.Add($"{name}: {data.Length - position} bytes of zeros follow the last record at offset {offset} (space the writer allocated ahead; it did not finish); ignored.");
+                break;
+            }
+
             if (size < 8)
             {
                 throw new TraceFormatException($"{name}: record at offset {offset} (type {type}) has size {size}, less than its own header; the file is damaged.");

@@ -9,10 +9,9 @@ namespace Optpoline.Patcher.Tracing;
 /// Writes a perf.data file (the format <c>perf report</c> and <c>perf script</c> read) that holds one
 /// dummy software event with <c>text_poke</c> set and a PERF_RECORD_TEXT_POKE for every change to
 /// code, with old and new bytes, CLOCK_MONOTONIC time, pid and tid (<c>perf record -k mono</c> uses the
-/// same clock). Records are written in the order they are submitted, one write per submission (a patch
-/// batch is one), each followed by the header's data size: write-through in the submitting call, or
-/// write-behind on the writer's own thread (see <see cref="WriteBehind"/>). Either way a crash loses at
-/// most what was submitted and not yet written, which <see cref="Flush"/> bounds. Thread safe.
+/// same clock). Records are written in the order they are submitted, with one write per submission (a
+/// patch batch is one) on the submitting thread, each followed by the header's data size, so a crash of
+/// the process loses none of them. Thread safe.
 /// </summary>
 /// <remarks>
 /// Layout (tools/perf/Documentation/perf.data-file-format.txt): a 104-byte header ("PERFILE2", size,
@@ -41,22 +40,21 @@ public sealed class PerfDataWriter : IDisposable
     private readonly Lock _lock = new();
     private readonly TraceAppender _appender;
     private readonly int _pid = Environment.ProcessId;
+    private byte[]? _spare;     // the last batch's buffer, for the next one (still in this core's cache)
     private bool _disposed;
 
-    /// <summary>Creates (or truncates) <paramref name="path"/> and writes the header and the attribute; records are written through.</summary>
+    /// <summary>
+    /// Creates (or truncates) <paramref name="path"/> and writes the header and the attribute. Every
+    /// record is in the file when the call that submits it returns.
+    /// </summary>
     /// <exception cref="IOException">The file cannot be created or written.</exception>
     public PerfDataWriter(string path)
-        : this(path, writeBehind: false)
+        : this(path, TraceAppender.FirstExtent)
     {
     }
 
-    /// <summary>
-    /// Creates (or truncates) <paramref name="path"/> and writes the header and the attribute. With
-    /// <paramref name="writeBehind"/>, records (encoded when they are submitted) are written by a
-    /// background thread in the order they were submitted; <see cref="Flush"/> waits for them.
-    /// </summary>
-    /// <exception cref="IOException">The file cannot be created or written.</exception>
-    public PerfDataWriter(string path, bool writeBehind)
+    /// <summary>Tests: <paramref name="firstExtent"/> bytes mapped at first (0: none, every record goes through <c>pwrite</c>).</summary>
+    internal PerfDataWriter(string path, long firstExtent)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         _file = new FileStream(path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read, bufferSize: 0);
@@ -82,11 +80,22 @@ public sealed class PerfDataWriter : IDisposable
         BinaryPrimitives.WriteUInt64LittleEndian(attr[40..], SampleIdAll | UseClockId | TextPoke);
         BinaryPrimitives.WriteInt32LittleEndian(attr[92..], 1);            // clockid: CLOCK_MONOTONIC
         RandomAccess.Write(_file.SafeFileHandle, head, 0);
-        _appender = new TraceAppender(_file.SafeFileHandle, path, DataOffset, writeBehind, WriteDataSize);
+        _appender = new TraceAppender(_file.SafeFileHandle, path, DataOffset, sizeField: 48, firstExtent);
     }
 
-    /// <summary>Whether records are written by a background thread (see <see cref="Flush"/>).</summary>
-    public bool WriteBehind => _appender.WriteBehind;
+    /// <summary>Tests: the file's appender (how records were written).</summary>
+    internal TraceAppender Appender => _appender;
+
+    /// <summary>
+    /// Whether the host is busy with work that a background thread should not slow (the engine: a patch
+    /// request in flight). The thread that maps the file ahead of its records waits for a moment when
+    /// this is false (and no records have come for a while). Null: it judges by the records alone.
+    /// </summary>
+    public Func<bool>? HostBusy
+    {
+        get => _appender.HostBusy;
+        set => _appender.HostBusy = value;
+    }
 
     /// <summary>Test hook: runs before every write of records (it may throw to simulate a failing disk).</summary>
     internal Action? BeforeWrite
@@ -101,15 +110,11 @@ public sealed class PerfDataWriter : IDisposable
     /// <summary>The file written.</summary>
     public string Path { get; }
 
-    /// <summary>Records submitted so far (written, or queued to be written).</summary>
+    /// <summary>Records written so far.</summary>
     public long Records { get; private set; }
 
-    /// <summary>PERF_RECORD_TEXT_POKE records submitted so far.</summary>
+    /// <summary>PERF_RECORD_TEXT_POKE records written so far.</summary>
     public long TextPokeRecords { get; private set; }
-
-    /// <summary>Waits until every record submitted so far is in the file (at once when written through).</summary>
-    /// <exception cref="IOException">A write failed; the file ends before the records it held.</exception>
-    public void Flush() => _appender.Flush();
 
     /// <summary>CLOCK_MONOTONIC now, in nanoseconds (.NET's Stopwatch reads that clock on Linux).</summary>
     public static ulong Now() => (ulong)(System.Diagnostics.Stopwatch.GetTimestamp() * (1_000_000_000.0 / System.Diagnostics.Stopwatch.Frequency));
@@ -155,7 +160,13 @@ public sealed class PerfDataWriter : IDisposable
             size += ChangeSize(patches[i].Length, patches[i].Length);
         }
 
-        var records = new byte[size];
+        // Every byte of every record is written below, so a recycled buffer needs no clearing.
+        var records = Interlocked.Exchange(ref _spare, null);
+        if (records is null || records.Length < size)
+        {
+            records = new byte[size];
+        }
+
         var sampleId = SampleIdOf(tid);
         var at = 0;
         var count = 0;
@@ -195,17 +206,17 @@ public sealed class PerfDataWriter : IDisposable
         Unsafe.WriteUnaligned(ref r, RecordTextPoke | ((ulong)size << 48));
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, 8), patch.Address);
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, 16), (uint)length | ((uint)length << 16));
-        CopySmall(ref Unsafe.Add(ref r, 20), patch.Expected.Span);
-        CopySmall(ref Unsafe.Add(ref r, 20 + length), patch.Replacement.Span);
+        CopySmall(ref Unsafe.Add(ref r, 20), patch.ExpectedBytes);
+        CopySmall(ref Unsafe.Add(ref r, 20 + length), patch.ReplacementBytes);
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, size - 16), sampleId);
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, size - 8), 0UL);
         return size;
     }
 
     /// <summary>Copies 1 to 16 bytes with at most two overlapping loads and stores.</summary>
-    private static void CopySmall(ref byte destination, ReadOnlySpan<byte> source)
+    private static void CopySmall(ref byte destination, byte[] source)
     {
-        ref var s = ref MemoryMarshal.GetReference(source);
+        ref var s = ref MemoryMarshal.GetArrayDataReference(source);
         var n = source.Length;
         if (n >= 8)
         {
@@ -226,7 +237,7 @@ public sealed class PerfDataWriter : IDisposable
         }
     }
 
-    /// <summary>Stamps <paramref name="time"/> on prepared records and appends them with one write.</summary>
+    /// <summary>Stamps <paramref name="time"/> on prepared records and appends them with one write; they are in the file when this returns.</summary>
     /// <exception cref="InvalidOperationException">They were submitted already.</exception>
     public void SubmitTextPokes(PreparedTextPokes prepared, ulong time)
     {
@@ -244,6 +255,7 @@ public sealed class PerfDataWriter : IDisposable
             }
 
             Submit(records, prepared.Length, prepared.Count, prepared.Count);
+            _spare = records;
         }
     }
 
@@ -360,7 +372,7 @@ public sealed class PerfDataWriter : IDisposable
     }
 
     /// <summary>
-    /// Writes what is queued and closes the file. Does not throw: a failed write is in <see cref="Failure"/>.
+    /// Closes the file. Does not throw: a failed write is in <see cref="Failure"/>.
     /// </summary>
     public void Dispose()
     {
@@ -389,20 +401,12 @@ public sealed class PerfDataWriter : IDisposable
         BinaryPrimitives.WriteUInt64LittleEndian(span[8..], time);
     }
 
-    /// <summary>Under the lock: hands encoded records to the appender, in the order of these calls, and counts them.</summary>
+    /// <summary>Under the lock: writes encoded records, in the order of these calls, and counts them.</summary>
     private void Submit(byte[] records, int length, int count, int pokes)
     {
-        _appender.Submit(records, length);
+        _appender.Submit(records.AsSpan(0, length));
         Records += count;
         TextPokeRecords += pokes;
-    }
-
-    /// <summary>After records are written: the header's data size, so a reader never sees a size beyond them.</summary>
-    private static void WriteDataSize(Microsoft.Win32.SafeHandles.SafeFileHandle file, long end)
-    {
-        Span<byte> size = stackalloc byte[8];
-        BinaryPrimitives.WriteUInt64LittleEndian(size, (ulong)(end - DataOffset));
-        RandomAccess.Write(file, size, 48);
     }
 }
 
