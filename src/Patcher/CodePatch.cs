@@ -21,27 +21,21 @@ public sealed class CodePatch
         }
 
         Address = address;
-        ExpectedBytes = (byte[])expected.Clone();
-        ReplacementBytes = (byte[])replacement.Clone();
+        Expected = (byte[])expected.Clone();
+        Replacement = (byte[])replacement.Clone();
     }
 
     /// <summary>The executable address of the first byte.</summary>
     public ulong Address { get; }
 
     /// <summary>The bytes that must be at <see cref="Address"/> before the patch is applied.</summary>
-    public ReadOnlyMemory<byte> Expected => ExpectedBytes;
+    public ReadOnlyMemory<byte> Expected { get; }
 
     /// <summary>The bytes written by the patch.</summary>
-    public ReadOnlyMemory<byte> Replacement => ReplacementBytes;
+    public ReadOnlyMemory<byte> Replacement { get; }
 
     /// <summary>Length in bytes.</summary>
-    public int Length => ReplacementBytes.Length;
-
-    /// <summary>The expected bytes themselves (this patch's own copy, never changed): for encoders that take a thousand patches at a time.</summary>
-    internal byte[] ExpectedBytes { get; }
-
-    /// <summary>The replacement bytes themselves (this patch's own copy, never changed).</summary>
-    internal byte[] ReplacementBytes { get; }
+    public int Length => Replacement.Length;
 
     /// <summary>Whether applying the patch would change nothing.</summary>
     public bool IsNoOp => Expected.Span.SequenceEqual(Replacement.Span);

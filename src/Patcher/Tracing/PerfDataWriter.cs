@@ -206,17 +206,17 @@ public sealed class PerfDataWriter : IDisposable
         Unsafe.WriteUnaligned(ref r, RecordTextPoke | ((ulong)size << 48));
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, 8), patch.Address);
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, 16), (uint)length | ((uint)length << 16));
-        CopySmall(ref Unsafe.Add(ref r, 20), patch.ExpectedBytes);
-        CopySmall(ref Unsafe.Add(ref r, 20 + length), patch.ReplacementBytes);
+        CopySmall(ref Unsafe.Add(ref r, 20), patch.Expected.Span);
+        CopySmall(ref Unsafe.Add(ref r, 20 + length), patch.Replacement.Span);
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, size - 16), sampleId);
         Unsafe.WriteUnaligned(ref Unsafe.Add(ref r, size - 8), 0UL);
         return size;
     }
 
     /// <summary>Copies 1 to 16 bytes with at most two overlapping loads and stores.</summary>
-    private static void CopySmall(ref byte destination, byte[] source)
+    private static void CopySmall(ref byte destination, ReadOnlySpan<byte> source)
     {
-        ref var s = ref MemoryMarshal.GetArrayDataReference(source);
+        ref var s = ref MemoryMarshal.GetReference(source);
         var n = source.Length;
         if (n >= 8)
         {
@@ -404,7 +404,7 @@ public sealed class PerfDataWriter : IDisposable
     /// <summary>Under the lock: writes encoded records, in the order of these calls, and counts them.</summary>
     private void Submit(byte[] records, int length, int count, int pokes)
     {
-        _appender.Submit(records.AsSpan(0, length));
+        _appender.Submit(records.AsMemory(0, length));
         Records += count;
         TextPokeRecords += pokes;
     }

@@ -131,43 +131,13 @@ internal sealed unsafe class TraceAppender : IDisposable
     /// <summary>The failure that stopped writing, if any.</summary>
     public IOException? Failure => Volatile.Read(ref _failure);
 
-    /// <summary>Appends <paramref name="records"/>; they are in the file when this returns.</summary>
+    /// <summary>
+    /// Appends the concatenation of <paramref name="parts"/>; it is in the file when this returns (one
+    /// gathering write where the mapping does not reach).
+    /// </summary>
     /// <exception cref="IOException">This write or an earlier one failed.</exception>
     /// <exception cref="ObjectDisposedException">The appender is disposed.</exception>
-    public void Submit(ReadOnlySpan<byte> records)
-    {
-        lock (_lock)
-        {
-            Check();
-            try
-            {
-                BeforeWrite?.Invoke();
-                if (TryRoom(records.Length, out var into))
-                {
-                    records.CopyTo(into);
-                    _copied++;
-                }
-                else
-                {
-                    RandomAccess.Write(_file, records, _end);
-                    _written++;
-                }
-
-                Advance(records.Length);
-            }
-#pragma warning disable CA1031 // Any failure to write is kept and surfaces as an IOException.
-            catch (Exception failure)
-#pragma warning restore CA1031
-            {
-                throw Fail(failure);
-            }
-        }
-    }
-
-    /// <summary>Appends the concatenation of <paramref name="parts"/> (one gathering write where it is not mapped); it is in the file when this returns.</summary>
-    /// <exception cref="IOException">This write or an earlier one failed.</exception>
-    /// <exception cref="ObjectDisposedException">The appender is disposed.</exception>
-    public void Submit(IReadOnlyList<ReadOnlyMemory<byte>> parts)
+    public void Submit(params ReadOnlySpan<ReadOnlyMemory<byte>> parts)
     {
         lock (_lock)
         {
@@ -176,24 +146,32 @@ internal sealed unsafe class TraceAppender : IDisposable
             {
                 BeforeWrite?.Invoke();
                 var length = 0;
-                for (var i = 0; i < parts.Count; i++)
+                foreach (var part in parts)
                 {
-                    length = checked(length + parts[i].Length);
+                    length = checked(length + part.Length);
                 }
 
                 if (TryRoom(length, out var into))
                 {
-                    for (var i = 0; i < parts.Count; i++)
+                    foreach (var part in parts)
                     {
-                        parts[i].Span.CopyTo(into);
-                        into = into[parts[i].Length..];
+                        part.Span.CopyTo(into);
+                        into = into[part.Length..];
                     }
 
                     _copied++;
                 }
                 else
                 {
-                    RandomAccess.Write(_file, parts, _end);
+                    if (parts.Length == 1)
+                    {
+                        RandomAccess.Write(_file, parts[0].Span, _end);
+                    }
+                    else
+                    {
+                        RandomAccess.Write(_file, parts.ToArray(), _end);
+                    }
+
                     _written++;
                 }
 
