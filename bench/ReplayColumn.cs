@@ -6,10 +6,15 @@ namespace Optpoline.Bench;
 
 /// <summary>
 /// A numeric column whose value the host process computes per benchmark case (typically by replaying
-/// the operation once), for counts BenchmarkDotNet cannot measure itself.
+/// the operation once, or from the case's measurements), for what BenchmarkDotNet does not compute itself.
 /// </summary>
-internal sealed class ReplayColumn(string name, string legend, Func<BenchmarkCase, string> value) : IColumn
+internal sealed class ReplayColumn(string name, string legend, Func<Summary, BenchmarkCase, string> value) : IColumn
 {
+    public ReplayColumn(string name, string legend, Func<BenchmarkCase, string> value)
+        : this(name, legend, (_, benchmarkCase) => value(benchmarkCase))
+    {
+    }
+
     public string Id => name;
 
     public string ColumnName => name;
@@ -26,9 +31,9 @@ internal sealed class ReplayColumn(string name, string legend, Func<BenchmarkCas
 
     public string Legend => legend;
 
-    public string GetValue(Summary summary, BenchmarkCase benchmarkCase) => value(benchmarkCase);
+    public string GetValue(Summary summary, BenchmarkCase benchmarkCase) => value(summary, benchmarkCase);
 
-    public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => value(benchmarkCase);
+    public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => value(summary, benchmarkCase);
 
     public bool IsAvailable(Summary summary) => true;
 
