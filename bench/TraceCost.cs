@@ -3,8 +3,6 @@ using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Jobs;
 using Optpoline.Patcher;
 using Optpoline.Sites;
-using Optpoline.Stress;
-using Optpoline.Tracing;
 
 namespace Optpoline.Bench;
 
