@@ -102,11 +102,6 @@ public static class Program
 
                 wall[mode].Add(elapsed * 1e6 / System.Diagnostics.Stopwatch.Frequency / 96);
                 recording[mode].Add((engine.PatchStatistics.RecordTime - before.RecordTime).TotalMicroseconds / 96);
-                if (args.Contains("--counts") && engine.Tracing is { } t)
-                {
-                    Console.WriteLine($"{mode}: loads {t.Jit?.Loads} pokes {t.Pokes?.Records} textpokes {t.Pokes?.TextPokeRecords}");
-                }
-
                 if (!keep || round == rounds - 1)
                 {
                     engine.StopTracing();

@@ -81,20 +81,8 @@ public sealed unsafe class LivePatcher
     /// </summary>
     public Action? BeforeArm { get; set; }
 
-    /// <summary>Whether a batch (of any patcher of this process) is being applied now; asking takes the patch lock for an instant when it is free.</summary>
-    internal bool Busy
-    {
-        get
-        {
-            if (!_runtime.PatchLock.TryEnter())
-            {
-                return true;
-            }
-
-            _runtime.PatchLock.Exit();
-            return false;
-        }
-    }
+    /// <summary>Whether a batch (of any patcher of this process) is being applied now.</summary>
+    internal bool Busy => _runtime.PatchLock.IsHeld();
 
     /// <summary>Test-only broken variant: the text pokes are written after the first bytes are restored.</summary>
     internal bool RecordAfterVisible { get; set; }

@@ -163,7 +163,7 @@ public sealed class TraceReplayTests
         site.Promote([targets[0]]);
         var trace = engine.Scheduler.Patcher.Trace!;
         var onFile = trace.TextPokeRecords;
-        trace.BeforeWrite = () => throw new IOException("No space left on device (test)");
+        trace.Appender.BeforeWrite = () => throw new IOException("No space left on device (test)");
         var before = Live(site.Address, site.InlineLength);
 
         // The batch whose records cannot be written is undone (no change without its record)...
@@ -173,7 +173,7 @@ public sealed class TraceReplayTests
         Assert.That(engine.AuditCode(), Is.Empty, "the engine's view follows the bytes");
 
         // ...and later batches are refused before they write anything.
-        trace.BeforeWrite = null;
+        trace.Appender.BeforeWrite = null;
         Assert.That(() => site.Reset(), Throws.InstanceOf<PatchRejectedException>().With.Message.Contains("No space left on device (test)").And.Message.Contains("Stop tracing"));
         Assert.That(Live(site.Address, site.InlineLength), Is.EqualTo(before), "a refused batch writes nothing");
         Assert.That(site.Targets, Is.EqualTo(new[] { targets[0] }));
@@ -213,7 +213,7 @@ public sealed class TraceReplayTests
         using var engine = new OptpolineEngine();
         var (site, targets) = DrivenSite(engine, 2, "after_site", targetCount: 2);
         engine.StartTracing(new TracingOptions { Directory = _directory });
-        engine.Tracing!.Jit!.BeforeWrite = () => throw new IOException("No space left on device (test)");
+        engine.Tracing!.Jit!.Appender.BeforeWrite = () => throw new IOException("No space left on device (test)");
 
         // The batch is applied; its jitdump reload fails after that. The engine's view must follow the bytes.
         site.Promote([targets[0], targets[1]]);
@@ -234,7 +234,7 @@ public sealed class TraceReplayTests
         site.Promote([targets[0]]);
         var trace = engine.Scheduler.Patcher.Trace!;
         var writes = 0;
-        trace.BeforeWrite = () =>
+        trace.Appender.BeforeWrite = () =>
         {
             // The demotion's records are written; the next write (the grace worker's batch) fails.
             if (++writes > 1)

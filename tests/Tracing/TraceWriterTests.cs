@@ -183,9 +183,9 @@ public sealed class TraceWriterTests
         var path = Path.Combine(_directory, "failing.data");
         using var writer = new PerfDataWriter(path, FirstExtent(way));
         writer.TextPoke(0x1000, [0x90], [0xCC], 1, 1);
-        writer.BeforeWrite = () => throw new IOException("disk full (test)");
+        writer.Appender.BeforeWrite = () => throw new IOException("disk full (test)");
         Assert.That(() => writer.TextPoke(0x2000, [0x90], [0xCC], 2, 1), Throws.InstanceOf<IOException>().With.Message.Contains("disk full (test)").And.Message.Contains(path));
-        writer.BeforeWrite = null;
+        writer.Appender.BeforeWrite = null;
         Assert.That(() => writer.TextPoke(0x3000, [0x90], [0xCC], 3, 1), Throws.InstanceOf<IOException>(), "nothing is written after a failure");
         Assert.That(writer.Failure, Is.Not.Null);
         Assert.That(PerfDataReader.Read(path).TextPokes.Select(r => r.Address), Is.EqualTo(new[] { 0x1000UL }));

@@ -152,23 +152,8 @@ internal sealed class SiteScheduler : IDisposable
         return tasks.Count == 0 ? Task.CompletedTask : Task.WhenAll(tasks);
     }
 
-    /// <summary>
-    /// Whether a request is being planned or applied now (its lock is held): the trace's extender stays
-    /// out of its way. Asking takes the lock for an instant when it is free.
-    /// </summary>
-    internal bool Busy
-    {
-        get
-        {
-            if (!SyncRoot.TryEnter())
-            {
-                return true;
-            }
-
-            SyncRoot.Exit();
-            return false;
-        }
-    }
+    /// <summary>Whether a request is being planned or applied now (its lock is held): the trace's extender stays out of its way.</summary>
+    internal bool Busy => SyncRoot.IsHeld();
 
     public void Dispose()
     {

@@ -28,10 +28,8 @@ internal static unsafe partial class PatcherOs
     public const int ProtRead = 1;
     public const int ProtWrite = 2;
     public const int ProtExec = 4;
-    public const int ProtNone = 0;
     public const int MapShared = 0x01;
     public const int MapPrivate = 0x02;
-    public const int MapFixed = 0x10;
     public const int MapAnonymous = 0x20;
     public const int MapNoReserve = 0x4000;
     public const int MadvPopulateWrite = 23;

@@ -69,7 +69,7 @@ public sealed class JitDumpWriter : IDisposable
         _appender = new TraceAppender(_file.SafeFileHandle, Path, HeaderSize, sizeField: -1, firstExtent);
     }
 
-    /// <summary>Tests: the file's appender (how records were written).</summary>
+    /// <summary>Tests: the file's appender (how records were written; its BeforeWrite hook simulates a failing disk).</summary>
     internal TraceAppender Appender => _appender;
 
     /// <summary>Whether the host is busy: see <see cref="PerfDataWriter.HostBusy"/>.</summary>
@@ -77,13 +77,6 @@ public sealed class JitDumpWriter : IDisposable
     {
         get => _appender.HostBusy;
         set => _appender.HostBusy = value;
-    }
-
-    /// <summary>Test hook: runs before every write of records (it may throw to simulate a failing disk).</summary>
-    internal Action? BeforeWrite
-    {
-        get => _appender.BeforeWrite;
-        set => _appender.BeforeWrite = value;
     }
 
     /// <summary>The failure that stopped writing, if a write failed; the file ends before its records.</summary>

@@ -83,7 +83,7 @@ public sealed class PerfDataWriter : IDisposable
         _appender = new TraceAppender(_file.SafeFileHandle, path, DataOffset, sizeField: 48, firstExtent);
     }
 
-    /// <summary>Tests: the file's appender (how records were written).</summary>
+    /// <summary>Tests: the file's appender (how records were written; its BeforeWrite hook simulates a failing disk).</summary>
     internal TraceAppender Appender => _appender;
 
     /// <summary>
@@ -95,13 +95,6 @@ public sealed class PerfDataWriter : IDisposable
     {
         get => _appender.HostBusy;
         set => _appender.HostBusy = value;
-    }
-
-    /// <summary>Test hook: runs before every write of records (it may throw to simulate a failing disk).</summary>
-    internal Action? BeforeWrite
-    {
-        get => _appender.BeforeWrite;
-        set => _appender.BeforeWrite = value;
     }
 
     /// <summary>The failure that stopped writing, if a write failed; the file ends before its records.</summary>

@@ -116,9 +116,6 @@ internal sealed unsafe class TraceAppender : IDisposable
     /// </summary>
     public Func<bool>? HostBusy { get; set; }
 
-    /// <summary>Whether records can be copied into a mapping of the file.</summary>
-    public bool Mapped => _base != 0;
-
     /// <summary>Where the mapping ends (0 when nothing is mapped).</summary>
     public long MappedEnd => Volatile.Read(ref _mapped);
 
