@@ -32,6 +32,13 @@ public sealed class EngineOptions
     internal int SlotWindowPauses { get; init; }
 
     /// <summary>
+    /// Test-only: the address of a byte flag. When not 0, every slot spins between its compare and its
+    /// call while the flag is non-zero (<c>movabs r11, flag; L: cmp byte [r11], 0; jne L</c>; r11 and
+    /// the flags are dead there), so a test can park a thread inside the window on demand.
+    /// </summary>
+    internal ulong SlotWindowSpinFlag { get; init; }
+
+    /// <summary>
     /// Test-only broken variant: promote into slots without waiting for a grace period. It exists so
     /// that the concurrency tests can show they catch the bug it introduces.
     /// </summary>

@@ -56,7 +56,7 @@ public sealed class InlineSite : Site
             AddPauses(code);
             code.Add(Instruction.CreateBranch(Code.Call_rel32_64, lastMiss));
             AddInt3(code, X64.Rel32Length);
-            Slots.Add(new Slot(at, at + (ulong)(SlotLength - X64.Rel32Length), lastMiss, lastMiss));
+            Slots.Add(new Slot(at, at + (ulong)(SlotLength - X64.Rel32Length), lastMiss, lastMiss, at + (ulong)(SlotLength - X64.Rel32Length - WindowPadding)));
             _doneJumps.Add(at + (ulong)SlotLength);
         }
 
@@ -71,7 +71,13 @@ public sealed class InlineSite : Site
     /// <inheritdoc/>
     public override SiteKind Kind => SiteKind.Inline;
 
-    private int SlotLength => X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + (2 * _pauses) + X64.Rel32Length;
+    private int SlotLength => X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + WindowPadding + X64.Rel32Length;
+
+    /// <summary>Test-only bytes between a slot's <c>jne</c> and its call: the pauses, then the spin on the test flag.</summary>
+    private int WindowPadding => (2 * _pauses) + (Engine.Options.SlotWindowSpinFlag != 0 ? SpinLength : 0);
+
+    /// <summary><c>movabs r11, flag</c> (10), <c>cmp byte [r11], 0</c> (4), <c>jne</c> back to the cmp (2).</summary>
+    private const int SpinLength = X64.MovAbsLength + 4 + 2;
 
     /// <summary>The bytes an inline site with <paramref name="inlineSlots"/> slots takes in host code (before it is bound).</summary>
     internal static int LengthFor(int inlineSlots) =>
@@ -175,10 +181,19 @@ public sealed class InlineSite : Site
             callSlot = decoder.Decode();
         }
 
+        var landing = callSlot.IP;
+        if (Engine.Options.SlotWindowSpinFlag != 0)
+        {
+            Expect(callSlot.Code == Code.Mov_r64_imm64 && callSlot.Immediate64 == Engine.Options.SlotWindowSpinFlag, callSlot, "movabs r11, spin flag");
+            _ = decoder.Decode();
+            _ = decoder.Decode();
+            callSlot = decoder.Decode();
+        }
+
         Expect(callSlot.Code == Code.Call_rel32_64, callSlot, "call rel32");
 
         var done = callSlot.NextIP;
-        var slot0 = new Slot(address, callSlot.IP, _stub.Address, callSlot.NearBranchTarget);
+        var slot0 = new Slot(address, callSlot.IP, _stub.Address, callSlot.NearBranchTarget, landing - (ulong)(2 * _pauses));
         var patches = new List<Patcher.CodePatch>
         {
             new(address, code[..X64.MovAbsLength].ToArray(), X64.EmptySlot(address, _stub.Address)),
@@ -207,6 +222,12 @@ public sealed class InlineSite : Site
         for (var i = 0; i < _pauses; i++)
         {
             code.Add(Instruction.Create(Code.Pause));
+        }
+
+        if (Engine.Options.SlotWindowSpinFlag is not 0 and var flag)
+        {
+            code.Add(Instruction.Create(Code.Mov_r64_imm64, Register.R11, flag));
+            code.Add(Instruction.CreateDeclareByte(0x41, 0x80, 0x3B, 0x00, 0x75, 0xFA));   // L: cmp byte [r11], 0; jne L
         }
     }
 

@@ -6,7 +6,7 @@ namespace Optpoline.Sites;
 /// at <see cref="Call"/>. Its critical range is (S, C]: a thread there has compared R with the slot's
 /// old target and will call whatever <see cref="Call"/> encodes.
 /// </summary>
-internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget)
+internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget, ulong directLanding)
 {
     /// <summary>Marks a slot no thread can be inside of.</summary>
     public const long Clean = long.MaxValue;
@@ -16,6 +16,9 @@ internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget
     public ulong Call { get; } = call;
 
     public ulong Miss { get; } = miss;
+
+    /// <summary>Where a direct slot's short jump lands: just after the <c>jne</c> (before any test-only widening).</summary>
+    public ulong DirectLanding { get; } = directLanding;
 
     /// <summary>Promoted target, or 0 when the slot is empty.</summary>
     public ulong Target { get; set; }

@@ -319,8 +319,8 @@ internal sealed class SiteScheduler : IDisposable
     /// A slot's first bytes. A direct slot jumps to just after its <c>jne</c>: its call, or the test-only
     /// pauses before it (which widen the window a grace period must cover).
     /// </summary>
-    private byte[] SlotBytes(Slot slot, ulong target, bool direct) =>
-        direct ? X64.DirectSlot(slot.Start, slot.Call - (ulong)(2 * _engine.Options.SlotWindowPauses))
+    private static byte[] SlotBytes(Slot slot, ulong target, bool direct) =>
+        direct ? X64.DirectSlot(slot.Start, slot.DirectLanding)
         : target == 0 ? X64.EmptySlot(slot.Start, slot.Miss) : X64.MovR11(target);
 
     private void Apply(Plan plan)

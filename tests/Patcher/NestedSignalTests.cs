@@ -1,0 +1,92 @@
+using System.Runtime.InteropServices;
+using Iced.Intel;
+using Optpoline.Sites;
+using Optpoline.Stress;
+using Optpoline.Tests.Support;
+using static Iced.Intel.AssemblerRegisters;
+
+namespace Optpoline.Tests.Patcher;
+
+/// <summary>
+/// Invariant 5 for a thread whose interrupted context sits in a slot's window while it runs another
+/// signal handler (review finding F1): the grace period must hold for that outer context, not for the
+/// frame a signal happens to land in.
+/// </summary>
+[NonParallelizable]
+public sealed unsafe class NestedSignalTests
+{
+    // Control block of the host loop: [0] target to load, [1] wrong calls, [2] stop, [3] calls.
+    private const int Current = 0;
+    private const int Wrong = 1;
+    private const int Stop = 2;
+    private const int Calls = 3;
+
+    [Test]
+    public void A_thread_parked_in_another_signal_handler_never_calls_the_new_target_with_the_old_value()
+    {
+        var spinFlag = (byte*)NativeMemory.AllocZeroed(64);
+        var control = (ulong*)NativeMemory.AllocZeroed(64);
+        using var engine = new OptpolineEngine(new EngineOptions { SlotWindowSpinFlag = (ulong)spinFlag });
+        var t0 = CheckingTarget.Emit(engine, Register.RAX, "t0");
+        var t1 = CheckingTarget.Emit(engine, Register.RAX, "t1");
+        var site = engine.CreateInlineSite(Register.RAX, 1, "parked");
+        var loop = EmitLoop(engine, site);
+        site.Promote([t0]);
+        control[Current] = t0;
+        var slot = site.Slots[0];
+
+        // Park the caller inside the host handler while its outer context is in the window (or wherever
+        // the kernel moved that context to, in the site's own stub).
+        using var host = new HostSignal(engine, HostSignal.SigRtMin() + 10, (slot.Start + 1, slot.Call + 1),
+            (site.Stub.Address, site.Stub.Address + (ulong)site.Stub.Size));
+        *spinFlag = 1;
+        var tid = 0;
+        var caller = new Thread(() =>
+        {
+            Volatile.Write(ref tid, HostSignal.Gettid());
+            ((delegate* unmanaged<ulong*, void>)loop)(control);
+        }) { IsBackground = true };
+        caller.Start();
+        SpinWait.SpinUntil(() => Volatile.Read(ref tid) != 0);
+        try
+        {
+            Assert.That(host.ParkThread(tid, TimeSpan.FromSeconds(5)), Is.True, "the caller parks in the host handler");
+            *spinFlag = 0;   // when its outer context resumes, it goes on to the slot's call
+
+            // Repromote while the caller is parked: the grace period must not count it as outside the window.
+            var promoted = site.PromoteAsync([t1]);
+            Assert.That(promoted.Wait(TimeSpan.FromSeconds(10)), Is.True, "the repromotion completes");
+            Assert.That(slot.CallTarget, Is.EqualTo(t1));
+        }
+        finally
+        {
+            *spinFlag = 0;
+            host.Release();
+            var calls = Volatile.Read(ref control[Calls]);
+            SpinWait.SpinUntil(() => Volatile.Read(ref control[Calls]) > calls + 2, 5000);
+            Volatile.Write(ref control[Stop], 1);
+            Assert.That(caller.Join(TimeSpan.FromSeconds(5)), Is.True);
+        }
+
+        Assert.That(control[Wrong], Is.Zero, "the outer context called t1 with RAX == t0");
+    }
+
+    /// <summary><c>loop(ulong* control)</c>: load the target, call through the site, count what the target says, until stop.</summary>
+    private static ulong EmitLoop(OptpolineEngine engine, InlineSite site)
+    {
+        var asm = new Assembler(64);
+        var top = asm.CreateLabel();
+        asm.push(rbx);
+        asm.mov(rbx, rdi);
+        asm.Label(ref top);
+        asm.mov(rax, __qword_ptr[rbx + (8 * Current)]);
+        site.Emit(asm);
+        asm.add(__qword_ptr[rbx + (8 * Wrong)], rax);
+        asm.inc(__qword_ptr[rbx + (8 * Calls)]);
+        asm.cmp(__qword_ptr[rbx + (8 * Stop)], 0);
+        asm.je(top);
+        asm.pop(rbx);
+        asm.ret();
+        return engine.Assemble(asm, name: "parked_loop").Address;
+    }
+}
