@@ -105,7 +105,7 @@ internal static unsafe class Exports
         *site = 0;
         var register = RegisterOf(reg);
         var slots = e.Engine.Config?.Promotion.InlineSlots ?? 1;
-        var needed = InlineSite.LengthFor(slots);
+        var needed = InlineSite.LengthFor(e.Engine, slots);
         *length = (nuint)needed;
         Require(capacity >= (nuint)needed, $"capacity {capacity} is too small: an inline site with {slots} slots needs {needed} bytes (*length).");
         var block = BlockContaining(e.Engine, (ulong)rx, needed);

@@ -599,7 +599,7 @@ public sealed partial class OptpolineEngine : IDisposable
 
             if (!site.Stub.IsEmpty)
             {
-                problems.AddRange(Check(site.Stub, allowIndirect: false).Select(p => $"site '{site.Name}' stub: {p}"));
+                problems.AddRange(CodeAudit.Check(site.Stub.GetExecutableSpan(), site.Stub.Address, allowIndirect: false, site.RseqSignatures).Select(p => $"site '{site.Name}' stub: {p}"));
             }
 
             if (site.Chain is { } chain)
@@ -1070,6 +1070,9 @@ public sealed partial class OptpolineEngine : IDisposable
     }
 
     internal SiteScheduler Scheduler { get; }
+
+    /// <summary>Restartable sequences for slot windows (null: not in use; sites then rely on thread flushes).</summary>
+    internal RestartableSequences? Rseq => Scheduler.Patcher.RestartableSequences;
 
     /// <summary>
     /// Writes code that no thread can run yet (a site being bound before its code is returned to the

@@ -36,6 +36,7 @@ public sealed unsafe class LivePatcher
     private long _flushes;
     private long _flushTimeouts;
     private long _flushedThreads;
+    private long _fences;
 
     /// <summary>Creates a patcher; the first one in the process installs the signal handlers and runs their self-test.</summary>
     /// <exception cref="ArgumentOutOfRangeException">An option is out of range.</exception>
@@ -60,7 +61,30 @@ public sealed unsafe class LivePatcher
         Interlocked.Read(ref _batches), Interlocked.Read(ref _patches), Interlocked.Read(ref _coreSyncs),
         Interlocked.Read(ref _flushes), Interlocked.Read(ref _flushTimeouts), Interlocked.Read(ref _flushedThreads),
         _runtime.TrapHits, _runtime.ForeignTraps, _runtime.StaleTraps,
-        Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _batchTicks)), Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _recordTicks)));
+        Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _batchTicks)), Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _recordTicks)),
+        Interlocked.Read(ref _fences), _runtime.RseqRestarts);
+
+    /// <summary>
+    /// Restartable sequences for slot windows, or null: turned off in <see cref="PatcherOptions"/>, or
+    /// not supported here (<see cref="RestartableSequencesUnavailable"/> says why).
+    /// </summary>
+    public RestartableSequences? RestartableSequences => Options.UseRestartableSequences ? _runtime.Rseq : null;
+
+    /// <summary>Why <see cref="RestartableSequences"/> is null, or null.</summary>
+    public string? RestartableSequencesUnavailable =>
+        !Options.UseRestartableSequences ? "turned off (PatcherOptions.UseRestartableSequences)" : _runtime.RseqUnavailable;
+
+    /// <summary>
+    /// The grace period of restartable windows: after it, no thread can resume inside a window with
+    /// values it compared against the window's bytes before the call (see <see cref="RestartableSequences.Fence"/>).
+    /// </summary>
+    /// <exception cref="InvalidOperationException">Restartable sequences are not in use, or the fence failed.</exception>
+    public void RestartWindows()
+    {
+        var rseq = RestartableSequences ?? throw new InvalidOperationException($"Restartable sequences are not in use: {RestartableSequencesUnavailable}.");
+        rseq.Fence();
+        Interlocked.Increment(ref _fences);
+    }
 
     /// <summary>
     /// Whether enough batch tables wait for a thread flush that one should run soon: a batch's trap

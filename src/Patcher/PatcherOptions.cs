@@ -23,6 +23,17 @@ public sealed class PatcherOptions
     /// </summary>
     public TimeSpan FlushTimeout { get; init; } = TimeSpan.FromMilliseconds(500);
 
+    /// <summary>
+    /// Whether slot windows are restartable sequences where the process supports them (glibc 2.35+
+    /// registration, Linux 5.10+, self-test passed; <see cref="LivePatcher.RestartableSequences"/>).
+    /// Their grace period is then one membarrier call the kernel guarantees, whatever the host's
+    /// threads do (nested signal handlers, blocked signals, exits), at the price of one store per slot
+    /// entry. Turn it off only for a host whose site-running threads are not created by glibc; the
+    /// thread flush it falls back to is not sound for a thread whose outer context waits in a slot
+    /// while it runs another signal handler (DESIGN.md, invariant 5).
+    /// </summary>
+    public bool UseRestartableSequences { get; init; } = true;
+
     internal int ResolveFlushSignal()
     {
         var min = Platform.PatcherOs.SigRtMin();

@@ -11,7 +11,9 @@ namespace Optpoline.Patcher;
 /// <param name="ForeignTraps">Traps passed on to the previous SIGTRAP action, process-wide.</param>
 /// <param name="StaleTraps">Traps at one of our int3s that arrived after the batch had restored it (the instruction re-executes), process-wide.</param>
 /// <param name="BatchTime">Wall time spent applying batches, recording included.</param>
+/// <param name="Fences">rseq fences run (grace periods of restartable windows).</param>
+/// <param name="RseqRestarts">Traps inside a restartable window that the kernel had already restarted (the handler left them alone), process-wide.</param>
 /// <param name="RecordTime">Of that, the time spent recording them (text pokes before the last step, and the after-batch hook: jitdump reloads).</param>
 public readonly record struct PatcherStatistics(
     long Batches, long Patches, long CoreSyncs, long Flushes, long FlushTimeouts, long FlushedThreads, long TrapHits, long ForeignTraps, long StaleTraps,
-    TimeSpan BatchTime, TimeSpan RecordTime);
+    TimeSpan BatchTime, TimeSpan RecordTime, long Fences = 0, long RseqRestarts = 0);

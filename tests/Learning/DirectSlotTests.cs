@@ -83,6 +83,10 @@ public sealed class DirectSlotTests
             Learning = new LearningOptions { Enabled = true, Background = false, RingCapacity = 1 << 18 },
             UnsafeSkipGracePeriod = skipGracePeriod,
             SlotWindowPauses = 32,
+            // The broken variant is the thread-flush design without its flush: with restartable windows
+            // the kernel restarts a preempted or trapped thread even when no grace period runs, so the
+            // missing grace period would almost never show.
+            Patching = new Optpoline.Patcher.PatcherOptions { UseRestartableSequences = !skipGracePeriod },
         });
         using var workload = new LearningWorkload(engine, siteCount: 64, targetCount: 8);
         workload.SetPhase([.. Enumerable.Range(0, 8).Select(i => (i, 1.0 / 8))], 1);

@@ -75,8 +75,9 @@ public sealed class BatchTests
         Assert.That(repromote.IsCompleted, Is.False, "a new target in a used slot waits for a grace period");
         Assert.That(repromote.Wait(TimeSpan.FromSeconds(10)), Is.True);
         var after = engine.PatchStatistics;
-        Assert.That(engine.GracePeriods - graceBefore, Is.EqualTo(1), "one shared flush");
-        Assert.That(after.Flushes - before.Flushes, Is.EqualTo(1));
+        Assert.That(engine.GracePeriods - graceBefore, Is.EqualTo(1), "one shared grace period");
+        Assert.That(after.Fences - before.Fences, Is.EqualTo(1), "one rseq fence");
+        Assert.That(after.Flushes - before.Flushes, Is.Zero, "no thread flush: no chain or table waits for one");
         Assert.That(after.CoreSyncs - before.CoreSyncs, Is.EqualTo(6), "demote batch + promote batch");
         Assert.That(sites.All(s => s.Targets.SequenceEqual([targets[1]]) && !s.IsPending), Is.True);
     }
@@ -84,7 +85,8 @@ public sealed class BatchTests
     [Test]
     public void A_timed_out_grace_period_rolls_every_waiting_site_back()
     {
-        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100) } });
+        // The thread-flush fallback (no restartable windows): a thread that blocks the flush signal.
+        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100), UseRestartableSequences = false } });
         var targets = ChecksumCode.EmitTargets(engine, 10);
         var site = engine.CreateInlineSite(Register.RCX, 2);
         var driver = ChecksumCode.EmitDriver(engine, Register.RCX, site);
@@ -130,6 +132,44 @@ public sealed class BatchTests
         site.Promote([targets[9]]);
         Assert.That(site.Targets, Is.EqualTo(new[] { targets[9] }));
         Assert.That(engine.AuditCode(), Is.Empty);
+    }
+
+    [Test]
+    public void A_thread_that_blocks_every_signal_does_not_hold_up_a_repromotion()
+    {
+        // Review finding F13 for slots: with restartable windows, a slot's grace period is an rseq fence,
+        // which needs no signal; the thread flush used to time out on such a thread and roll back.
+        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100) } });
+        Assert.That(engine.Rseq, Is.Not.Null, engine.Scheduler.Patcher.RestartableSequencesUnavailable);
+        var targets = ChecksumCode.EmitTargets(engine, 4);
+        var site = engine.CreateInlineSite(Register.RCX, 1);
+        var driver = ChecksumCode.EmitDriver(engine, Register.RCX, site);
+        site.Promote([targets[0]]);
+        using var blocked = new ManualResetEventSlim();
+        using var release = new ManualResetEventSlim();
+        var blocker = new Thread(() =>
+        {
+            var old = NativeThreads.BlockAll();
+            blocked.Set();
+            release.Wait();
+            NativeThreads.Restore(old);
+        });
+        blocker.Start();
+        blocked.Wait();
+        try
+        {
+            var timeouts = engine.GracePeriodTimeouts;
+            Assert.That(site.PromoteAsync([targets[1]]).Wait(TimeSpan.FromSeconds(5)), Is.True, "the repromotion completes");
+            Assert.That(site.Targets, Is.EqualTo(new[] { targets[1] }));
+            Assert.That(engine.GracePeriodTimeouts, Is.EqualTo(timeouts), "no grace period timed out");
+            var (actual, expected) = ChecksumCode.Run(driver, Register.RCX, 1, targets[1], new Random(1));
+            Assert.That(actual, Is.EqualTo(expected));
+        }
+        finally
+        {
+            release.Set();
+            blocker.Join();
+        }
     }
 
     private static byte[] SiteBytes(OptpolineEngine engine, InlineSite site)

@@ -24,9 +24,30 @@ public sealed unsafe class NestedSignalTests
     [Test]
     public void A_thread_parked_in_another_signal_handler_never_calls_the_new_target_with_the_old_value()
     {
+        var wrong = RepromoteWhileParked(restartable: true, out var mechanism);
+        Assert.That(mechanism, Is.EqualTo("in use"), "restartable sequences are available here");
+        Assert.That(wrong, Is.Zero, "the outer context called t1 with RAX == t0");
+    }
+
+    [Test]
+    public void The_same_test_catches_a_grace_period_made_of_thread_flushes_alone()
+    {
+        // The broken variant: with restartable windows turned off, the flush handler acknowledges from
+        // inside the host's handler, and the parked outer context calls the new target.
+        var wrong = RepromoteWhileParked(restartable: false, out _);
+        Assert.That(wrong, Is.EqualTo(1));
+    }
+
+    private static ulong RepromoteWhileParked(bool restartable, out string mechanism)
+    {
         var spinFlag = (byte*)NativeMemory.AllocZeroed(64);
         var control = (ulong*)NativeMemory.AllocZeroed(64);
-        using var engine = new OptpolineEngine(new EngineOptions { SlotWindowSpinFlag = (ulong)spinFlag });
+        using var engine = new OptpolineEngine(new EngineOptions
+        {
+            SlotWindowSpinFlag = (ulong)spinFlag,
+            Patching = new Optpoline.Patcher.PatcherOptions { UseRestartableSequences = restartable },
+        });
+        mechanism = engine.Scheduler.Patcher.RestartableSequencesUnavailable ?? "in use";
         var t0 = CheckingTarget.Emit(engine, Register.RAX, "t0");
         var t1 = CheckingTarget.Emit(engine, Register.RAX, "t1");
         var site = engine.CreateInlineSite(Register.RAX, 1, "parked");
@@ -34,6 +55,7 @@ public sealed unsafe class NestedSignalTests
         site.Promote([t0]);
         control[Current] = t0;
         var slot = site.Slots[0];
+        TestContext.Out.WriteLine($"rseq: {engine.Scheduler.Patcher.RestartableSequencesUnavailable ?? "in use"}; arm 0x{slot.Arm:X}, start 0x{slot.Start:X}, restart 0x{slot.Restart:X}");
 
         // Park the caller inside the host handler while its outer context is in the window (or wherever
         // the kernel moved that context to, in the site's own stub).
@@ -68,7 +90,7 @@ public sealed unsafe class NestedSignalTests
             Assert.That(caller.Join(TimeSpan.FromSeconds(5)), Is.True);
         }
 
-        Assert.That(control[Wrong], Is.Zero, "the outer context called t1 with RAX == t0");
+        return control[Wrong];
     }
 
     /// <summary><c>loop(ulong* control)</c>: load the target, call through the site, count what the target says, until stop.</summary>

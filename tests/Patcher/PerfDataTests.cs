@@ -57,12 +57,12 @@ public sealed class PerfDataTests
             var output = Run("perf", $"script -i {Path.Combine(directory, TraceFiles.TextPokes)} --show-text-poke-events --show-mmap-events --show-task-events");
             var pokes = output.Split('\n').Count(l => l.Contains("PERF_RECORD_TEXT_POKE", StringComparison.Ordinal));
             Assert.That(pokes, Is.EqualTo(summary.TextPokes), output);
-            Assert.That(output, Does.Contain($"PERF_RECORD_TEXT_POKE {site.Address:x}"));
+            Assert.That(output, Does.Contain($"PERF_RECORD_TEXT_POKE {site.Slots[0].Start:x}"));
             Assert.That(output, Does.Contain("PERF_RECORD_COMM").And.Contain("PERF_RECORD_MMAP2"));
             Assert.That(patches, Is.GreaterThanOrEqualTo(5));
             // Every patch is there with its bytes, besides the chains published and freed on the way.
             var read = PerfDataReader.Read(Path.Combine(directory, TraceFiles.TextPokes));
-            Assert.That(read.TextPokes.Count(p => p.Address == site.Address), Is.GreaterThanOrEqualTo(3));
+            Assert.That(read.TextPokes.Count(p => p.Address == site.Slots[0].Start), Is.GreaterThanOrEqualTo(3));
             Assert.That(pokes, Is.GreaterThanOrEqualTo(patches));
         }
         finally

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Iced.Intel;
 using Optpoline.Emit;
 using Optpoline.Sites;
@@ -121,19 +122,42 @@ public sealed class ReachAndAuditTests
         var site = _engine.CreateInlineSite(Register.RBX, 1);
         var block = _engine.Code.Allocate(64);
         site.Write(block, 0);
+
+        // The arming store: mov qword fs:[rseq_cs], imm32 (the slot's rseq descriptor, below 2 GiB).
+        var rseq = _engine.Rseq;
+        Assert.That(rseq, Is.Not.Null, _engine.Scheduler.Patcher.RestartableSequencesUnavailable);
+        var arm = new byte[13];
+        _engine.Code.Read(site.Address, arm);
+        Assert.That(Convert.ToHexString(arm[..5]), Is.EqualTo("6448C70425"), "mov qword fs:[disp32], imm32");
+        Assert.That(BitConverter.ToInt32(arm, 5), Is.EqualTo(rseq!.CsFieldOffset), "fs:[__rseq_offset + 8]: rseq.rseq_cs");
+        var descriptor = (nint)BitConverter.ToInt32(arm, 9);
+        var slot = site.Address + 13;
+
         var empty = new byte[24];
-        _engine.Code.Read(site.Address, empty);
+        _engine.Code.Read(slot, empty);
         Assert.That(Convert.ToHexString(empty[..13]), Does.StartWith("E9").And.EndWith("CCCCCCCCCC4C39DB"), "jmp MISS; int3 x5; cmp rbx, r11");
         site.Promote([0x1000UL + block.Address]);
         var promoted = new byte[24];
-        _engine.Code.Read(site.Address, promoted);
+        _engine.Code.Read(slot, promoted);
         var hex = Convert.ToHexString(promoted);
         Assert.That(hex[..4], Is.EqualTo("49BB"), "movabs r11, T");
         Assert.That(BitConverter.ToUInt64(promoted, 2), Is.EqualTo(0x1000UL + block.Address));
         Assert.That(hex.Substring(20, 6), Is.EqualTo("4C39DB"), "cmp rbx, r11");
         Assert.That(hex.Substring(26, 4), Is.EqualTo("0F85"), "jne rel32 MISS");
         Assert.That(promoted[19], Is.EqualTo(0xE8), "call rel32");
-        Assert.That(block.Address + 24 + BitConverter.ToUInt32(promoted, 20), Is.EqualTo(0x1000UL + block.Address));
+        Assert.That(slot + 24 + BitConverter.ToUInt32(promoted, 20), Is.EqualTo(0x1000UL + block.Address));
+
+        // struct rseq_cs { u32 version, flags; u64 start_ip, post_commit_offset, abort_ip }: the window is
+        // the compare to the end of the call; the abort handler (signature, then jmp back to the arm) is in the stub.
+        Assert.That(Marshal.ReadInt64(descriptor), Is.Zero, "version 0, flags 0");
+        Assert.That((ulong)Marshal.ReadInt64(descriptor, 8), Is.EqualTo(slot + 10), "start_ip: the cmp");
+        Assert.That(Marshal.ReadInt64(descriptor, 16), Is.EqualTo(14), "post_commit_offset: cmp, jne rel32, call");
+        var abort = (ulong)Marshal.ReadInt64(descriptor, 24);
+        Assert.That(abort, Is.EqualTo(site.Slots[0].Restart));
+        var handler = new byte[9];
+        _engine.Code.Read(abort - 4, handler);
+        Assert.That(Convert.ToHexString(handler[..5]), Is.EqualTo("53300553E9"), "RSEQ_SIG, jmp rel32");
+        Assert.That(abort + 5 + (ulong)(long)BitConverter.ToInt32(handler, 5), Is.EqualTo(site.Address), "the abort handler restarts at the arm");
     }
 
     private byte[] SiteBytes(InlineSite site)

@@ -15,6 +15,25 @@ internal static unsafe partial class NativeThreads
 
     public static void Unblock(int signal) => Change(SigUnblock, signal);
 
+    /// <summary>Blocks every signal on this thread (the server-worker idiom: sigfillset + pthread_sigmask); returns the old mask.</summary>
+    public static ulong[] BlockAll()
+    {
+        var set = stackalloc ulong[16];
+        var old = stackalloc ulong[16];
+        new Span<ulong>(set, 16).Fill(ulong.MaxValue);
+        Assert.That(PthreadSigmask(SigBlock, set, old), Is.Zero, "pthread_sigmask");
+        return new Span<ulong>(old, 16).ToArray();
+    }
+
+    /// <summary>Sets this thread's mask back to <paramref name="mask"/> (from <see cref="BlockAll"/>).</summary>
+    public static void Restore(ulong[] mask)
+    {
+        fixed (ulong* set = mask)
+        {
+            Assert.That(PthreadSigmask(2 /* SIG_SETMASK */, set, null), Is.Zero, "pthread_sigmask");
+        }
+    }
+
     private static void Change(int how, int signal)
     {
         var set = stackalloc ulong[16];

@@ -21,7 +21,7 @@ public sealed class TraceCliTests
         _targets = Support.ChecksumCode.EmitTargets(engine, 3);
         var site = engine.CreateInlineSite(Register.RAX, 1, "cli_site");
         Support.ChecksumCode.EmitDriver(engine, Register.RAX, site);
-        _site = site.Address;
+        _site = site.Slots[0].Start;   // the slot's first patchable byte (after its rseq arming store, if any)
         site.Promote([_targets[0]]);
         engine.StartTracing(new TracingOptions { Directory = _directory });
         site.Promote([_targets[1]]);

@@ -294,10 +294,10 @@ public sealed class TraceReplayTests
         var a = TraceReplay.Open(first);
         var b = TraceReplay.Open(second);
         Assert.That(a.JitLoads.Select(l => l.Name), Does.Contain("optpoline_thunks").And.Contain("restart_site_miss"));
-        Assert.That(a.Changes.Any(c => c.Address == site.Address), Is.True);
+        Assert.That(a.Changes.Any(c => c.Address == site.Slots[0].Start), Is.True);
         Assert.That(a.Verify(), Is.Empty);
         Assert.That(b.Verify(), Is.Empty);
-        Assert.That(b.ReadForward(site.Address, 2, b.Start.Time), Is.EqualTo(a.ReadForward(site.Address, 2, a.LastTime)), "the second trace starts where the first ended");
+        Assert.That(b.ReadForward(site.Slots[0].Start, 2, b.Start.Time), Is.EqualTo(a.ReadForward(site.Slots[0].Start, 2, a.LastTime)), "the second trace starts where the first ended");
     }
 
     [Test]

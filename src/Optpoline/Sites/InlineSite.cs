@@ -1,6 +1,7 @@
 using Iced.Intel;
 using Optpoline.Emit;
 using Optpoline.Memory;
+using Optpoline.Patcher;
 
 namespace Optpoline.Sites;
 
@@ -28,27 +29,49 @@ public sealed class InlineSite : Site
     private ulong _address;
     private int _boundLength;
     private readonly int _pauses;
+    private readonly RestartableSequences? _rseq;
+    private readonly ulong[] _descriptors = [];
+    private readonly ulong[] _aborts = [];
+
+    /// <summary>One abort handler: the rseq signature, <c>jmp arm</c>, int3 padding.</summary>
+    private const int AbortLength = 16;
     private Assembler? _emittedInto;
 
     internal InlineSite(OptpolineEngine engine, Register register, int inlineSlots, string name)
         : base(engine, register, inlineSlots, name)
     {
         _pauses = engine.Options.SlotWindowPauses;
+        _rseq = engine.Rseq;
         Tail = engine.LearningTail(register, byKey: false) ?? engine.GetFallback(register);
         if (inlineSlots == 0)
         {
             return;
         }
 
-        // Stub: [slot 1: jmp MISS1+int3 | cmp | jne MISS1 | call MISS1 | jmp DONE] MISS1: call OUT | jmp DONE.
-        // The jmp DONE fields are int3 until the site is bound and DONE is known.
-        var length = ((inlineSlots - 1) * (SlotLength + X64.Rel32Length)) + (2 * X64.Rel32Length);
+        // Stub: [arm 1 | slot 1: jmp MISS1+int3 | cmp | jne MISS1 | call MISS1 | jmp DONE] MISS1: call OUT | jmp DONE,
+        // then, with rseq, one 16-byte abort handler per slot: the rseq signature, then jmp to the slot's arm.
+        // The jmp DONE fields (and slot 0's abort jump) are int3 until the site is bound and DONE is known.
+        var slotBlock = (inlineSlots - 1) * (ArmLength + SlotLength + X64.Rel32Length);
+        var abortsAt = _rseq is null ? 0 : (slotBlock + (2 * X64.Rel32Length) + 15) & ~15;
+        var length = _rseq is null ? slotBlock + (2 * X64.Rel32Length) : abortsAt + (inlineSlots * AbortLength);
         _stub = engine.Code.Allocate(length, 16);
         var at = _stub.Address;
         var code = new List<Instruction>();
-        var lastMiss = at + (ulong)((inlineSlots - 1) * (SlotLength + X64.Rel32Length));
+        var lastMiss = at + (ulong)slotBlock;
+        _aborts = _rseq is null ? [] : [.. Enumerable.Range(0, inlineSlots).Select(i => at + (ulong)(abortsAt + (i * AbortLength) + 4))];
+        if (_rseq is not null)
+        {
+            _descriptors = [.. Enumerable.Range(0, inlineSlots).Select(_ => _rseq.ReserveDescriptor())];
+        }
+
         if (inlineSlots == 2)
         {
+            var start = at + (ulong)ArmLength;
+            if (_rseq is not null)
+            {
+                code.Add(_rseq.Arm(_descriptors[1]));
+            }
+
             code.Add(Instruction.CreateBranch(Code.Jmp_rel32_64, lastMiss));
             AddInt3(code, X64.MovAbsLength - X64.Rel32Length);
             code.Add(Instruction.Create(Code.Cmp_rm64_r64, register, Register.R11));
@@ -56,17 +79,44 @@ public sealed class InlineSite : Site
             AddPauses(code);
             code.Add(Instruction.CreateBranch(Code.Call_rel32_64, lastMiss));
             AddInt3(code, X64.Rel32Length);
-            Slots.Add(new Slot(at, at + (ulong)(SlotLength - X64.Rel32Length), lastMiss, lastMiss, at + (ulong)(SlotLength - X64.Rel32Length - WindowPadding)));
-            _doneJumps.Add(at + (ulong)SlotLength);
+            var call = start + (ulong)(SlotLength - X64.Rel32Length);
+            Slots.Add(new Slot(start, call, lastMiss, lastMiss, call - (ulong)WindowPadding, at, _rseq is null ? 0 : _aborts[1]));
+            _doneJumps.Add(start + (ulong)SlotLength);
+            if (_rseq is not null)
+            {
+                RestartableSequences.Describe(_descriptors[1], start + X64.MovAbsLength, call + X64.Rel32Length, _aborts[1]);
+            }
         }
 
         code.Add(Instruction.CreateBranch(Code.Call_rel32_64, Tail));
         AddInt3(code, X64.Rel32Length);
         _doneJumps.Add(lastMiss + X64.Rel32Length);
+        if (_rseq is not null)
+        {
+            AddInt3(code, abortsAt - (slotBlock + (2 * X64.Rel32Length)));
+            for (var i = 0; i < inlineSlots; i++)
+            {
+                code.Add(Instruction.CreateDeclareDword(RestartableSequences.Signature));
+                if (i == 1)
+                {
+                    code.Add(Instruction.CreateBranch(Code.Jmp_rel32_64, at));
+                }
+                else
+                {
+                    AddInt3(code, X64.Rel32Length);   // jmp to slot 0's arm, written when the site is bound
+                }
+
+                AddInt3(code, AbortLength - 4 - X64.Rel32Length);
+            }
+        }
+
         X64.Encode(at, code).CopyTo(_stub.GetWritableSpan());
         _pendingLink = new Link(lastMiss, X64.CallRel32, Tail);
         engine.Publish(_stub, $"{name}_miss");
     }
+
+    /// <summary>Bytes of a slot's arming store (<c>mov qword fs:[rseq_cs], imm32</c>), or 0 without rseq.</summary>
+    private int ArmLength => _rseq is null ? 0 : RestartableSequences.ArmLength;
 
     /// <inheritdoc/>
     public override SiteKind Kind => SiteKind.Inline;
@@ -80,14 +130,15 @@ public sealed class InlineSite : Site
     private const int SpinLength = X64.MovAbsLength + 4 + 2;
 
     /// <summary>The bytes an inline site with <paramref name="inlineSlots"/> slots takes in host code (before it is bound).</summary>
-    internal static int LengthFor(int inlineSlots) =>
-        inlineSlots == 0 ? X64.Rel32Length : X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + X64.Rel32Length;
+    internal static int LengthFor(OptpolineEngine engine, int inlineSlots) =>
+        inlineSlots == 0 ? X64.Rel32Length
+        : (engine.Rseq is null ? 0 : RestartableSequences.ArmLength) + X64.MovAbsLength + X64.CmpLength + X64.JccRel32Length + X64.Rel32Length;
 
     /// <summary>
     /// Bytes the site occupies in the host's code: once bound, what the host's assembler produced (it
     /// may shorten the <c>jne</c>); before, what <see cref="Write"/> needs.
     /// </summary>
-    public int InlineLength => _boundLength != 0 ? _boundLength : InlineSlotCount == 0 ? X64.Rel32Length : SlotLength;
+    public int InlineLength => _boundLength != 0 ? _boundLength : InlineSlotCount == 0 ? X64.Rel32Length : ArmLength + SlotLength;
 
     /// <summary>Address of the site in the host's code, once bound (0 before).</summary>
     public ulong Address => _address;
@@ -169,6 +220,13 @@ public sealed class InlineSite : Site
             return;
         }
 
+        if (_rseq is not null)
+        {
+            var arm = decoder.Decode();
+            Expect(arm.Code == Code.Mov_rm64_imm32 && arm.MemorySegment == Register.FS && arm.MemoryDisplacement64 == (ulong)_rseq.CsFieldOffset
+                && arm.Immediate32to64 == (long)_descriptors[0], arm, "mov qword fs:[rseq_cs], descriptor");
+        }
+
         var mov = decoder.Decode();
         Expect(mov.Code == Code.Mov_r64_imm64 && mov.Op0Register == Register.R11, mov, "movabs r11, imm64");
         var cmp = decoder.Decode();
@@ -193,11 +251,19 @@ public sealed class InlineSite : Site
         Expect(callSlot.Code == Code.Call_rel32_64, callSlot, "call rel32");
 
         var done = callSlot.NextIP;
-        var slot0 = new Slot(address, callSlot.IP, _stub.Address, callSlot.NearBranchTarget, landing - (ulong)(2 * _pauses));
+        var start = mov.IP;
+        var slot0 = new Slot(start, callSlot.IP, _stub.Address, callSlot.NearBranchTarget, landing - (ulong)(2 * _pauses), address, _rseq is null ? 0 : _aborts[0]);
         var patches = new List<Patcher.CodePatch>
         {
-            new(address, code[..X64.MovAbsLength].ToArray(), X64.EmptySlot(address, _stub.Address)),
+            new(start, code[ArmLength..(ArmLength + X64.MovAbsLength)].ToArray(), X64.EmptySlot(start, _stub.Address)),
         };
+        if (_rseq is not null)
+        {
+            // The window: from the compare (past the movabs, the instruction a trap at the slot's start
+            // stops at) to the end of the call; a thread inside it restarts at the arm.
+            RestartableSequences.Describe(_descriptors[0], cmp.IP, callSlot.NextIP, _aborts[0]);
+            patches.Add(new Patcher.CodePatch(_aborts[0], Int3s(X64.Rel32Length), X64.Rel32(X64.JmpRel32, _aborts[0], address)));
+        }
         foreach (var jump in _doneJumps)
         {
             patches.Add(new Patcher.CodePatch(jump, Int3s(X64.Rel32Length), X64.Rel32(X64.JmpRel32, jump, done)));
@@ -257,12 +323,18 @@ public sealed class InlineSite : Site
         }
 
         // The call's placeholder target is the stub: near, and dead while the slot is empty.
-        var code = new List<Instruction>
+        var code = new List<Instruction>();
+        if (_rseq is not null)
+        {
+            code.Add(_rseq.Arm(_descriptors[0]));
+        }
+
+        code.AddRange(new[]
         {
             Instruction.Create(Code.Mov_r64_imm64, Register.R11, 0UL),
             Instruction.Create(Code.Cmp_rm64_r64, Register, Register.R11),
             Instruction.CreateBranch(Code.Jne_rel32_64, _stub.Address),
-        };
+        });
         AddPauses(code);
         code.Add(Instruction.CreateBranch(Code.Call_rel32_64, _stub.Address));
         return code;

@@ -112,6 +112,9 @@ public abstract class Site
 
     internal List<Slot> Slots { get; } = [];
 
+    /// <summary>Addresses of the rseq signatures in the stub (4 data bytes before each slot's abort handler).</summary>
+    internal IReadOnlyCollection<ulong> RseqSignatures => [.. Slots.Where(s => s.Restart != 0).Select(s => s.Restart - 4)];
+
     internal Link? OutLink { get; private protected set; }
 
     internal OutlineChain? Chain { get; set; }

@@ -6,7 +6,7 @@ namespace Optpoline.Sites;
 /// at <see cref="Call"/>. Its critical range is (S, C]: a thread there has compared R with the slot's
 /// old target and will call whatever <see cref="Call"/> encodes.
 /// </summary>
-internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget, ulong directLanding)
+internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget, ulong directLanding, ulong arm, ulong restart)
 {
     /// <summary>Marks a slot no thread can be inside of.</summary>
     public const long Clean = long.MaxValue;
@@ -16,6 +16,15 @@ internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget
     public ulong Call { get; } = call;
 
     public ulong Miss { get; } = miss;
+
+    /// <summary>
+    /// Where a thread enters the slot: its rseq arming store, or <see cref="Start"/> when the slot is
+    /// not a restartable window. Every redirect back into the slot goes here, so the window is armed.
+    /// </summary>
+    public ulong Arm { get; } = arm;
+
+    /// <summary>The window's rseq abort handler (it jumps to <see cref="Arm"/>), or 0 when it is not restartable.</summary>
+    public ulong Restart { get; } = restart;
 
     /// <summary>Where a direct slot's short jump lands: just after the <c>jne</c> (before any test-only widening).</summary>
     public ulong DirectLanding { get; } = directLanding;
@@ -41,7 +50,7 @@ internal sealed class Slot(ulong start, ulong call, ulong miss, ulong callTarget
     public long DirtyEpoch { get; set; } = Clean;
 
     /// <summary>The range a thread flush moves threads out of (back to the slot start).</summary>
-    public Optpoline.Patcher.FlushRange CriticalRange => new(Start + 1, Call + 1, Start);
+    public Optpoline.Patcher.FlushRange CriticalRange => new(Start + 1, Call + 1, Arm);
 }
 
 /// <summary>A patchable <c>call rel32</c> or <c>jmp rel32</c> that enters an outline chain or the fallback.</summary>

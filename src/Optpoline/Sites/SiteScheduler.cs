@@ -290,7 +290,7 @@ internal sealed class SiteScheduler : IDisposable
 
             if (call != slot.CallTarget)
             {
-                plan.Patches.Add(new LivePatch(new CodePatch(slot.Call, X64.Rel32(X64.CallRel32, slot.Call, slot.CallTarget), X64.Rel32(X64.CallRel32, slot.Call, call)), TrapAction.ContinueAt(slot.Start)));
+                plan.Patches.Add(new LivePatch(new CodePatch(slot.Call, X64.Rel32(X64.CallRel32, slot.Call, slot.CallTarget), X64.Rel32(X64.CallRel32, slot.Call, call)), TrapAction.ContinueAt(slot.Arm)));
             }
 
             var (newTarget, newDirect, newCall) = (target, direct, call);
@@ -353,6 +353,7 @@ internal sealed class SiteScheduler : IDisposable
 
             List<FlushRange> ranges;
             long epoch;
+            var restartable = Patcher.RestartableSequences is not null;
             lock (SyncRoot)
             {
                 if (_pending.Count == 0 && _retired.Count == 0 && !Patcher.FlushDue)
@@ -361,41 +362,73 @@ internal sealed class SiteScheduler : IDisposable
                 }
 
                 epoch = ++_epoch;
-                ranges = [.. _dirty.Where(s => s.DirtyEpoch < epoch).Select(s => s.CriticalRange)];
+                ranges = restartable ? [] : [.. _dirty.Where(s => s.DirtyEpoch < epoch).Select(s => s.CriticalRange)];
                 ranges.AddRange(_retired.Where(r => r.Epoch < epoch).Select(r => new FlushRange(r.Chain.Block.Address, r.Chain.Block.Address + (ulong)r.Chain.Block.Size, r.Fallback)));
             }
 
-            var completed = Patcher.Flush(ranges);
+            // Slot windows are restartable sequences: one fence is their grace period, and the kernel
+            // guarantees it whatever the threads do. Only retired chains and trap tables still need a
+            // thread flush; when it times out they wait for the next one, and no request rolls back.
+            var slotsClean = false;
+            var completed = false;
+            var failure = (Exception?)null;
+            try
+            {
+                if (restartable)
+                {
+                    Patcher.RestartWindows();
+                    slotsClean = true;
+                    completed = (ranges.Count == 0 && !Patcher.FlushDue) || Patcher.Flush(ranges);
+                }
+                else
+                {
+                    completed = Patcher.Flush(ranges);
+                    slotsClean = completed;
+                }
+            }
+            catch (InvalidOperationException fenceFailed)
+            {
+                failure = fenceFailed;
+            }
+
             lock (SyncRoot)
             {
                 try
                 {
-                    if (completed)
+                    if (completed || slotsClean)
                     {
-                        Interlocked.Increment(ref _gracePeriods);
-                        Completed(epoch);
+                        if (completed)
+                        {
+                            Interlocked.Increment(ref _gracePeriods);
+                        }
+
+                        Completed(epoch, slotsClean, completed);
                     }
-                    else
+
+                    if (!completed)
                     {
                         Interlocked.Increment(ref _graceTimeouts);
-                        RollBack(epoch);
+                        if (!slotsClean)
+                        {
+                            RollBack(epoch, failure);
+                        }
                     }
                 }
-                catch (PatchRejectedException failure)
+                catch (PatchRejectedException rejected)
                 {
                     // Nothing of that batch was written (a trace that cannot write refuses batches).
-                    FailPending(failure);
+                    FailPending(rejected);
                 }
             }
         }
     }
 
-    /// <summary>After flush <paramref name="epoch"/>: clean slots, free chains, apply what waited.</summary>
-    private void Completed(long epoch)
+    /// <summary>After grace period <paramref name="epoch"/>: clean slots (when their windows are proven empty), free chains (when flushed), apply what waited.</summary>
+    private void Completed(long epoch, bool slotsClean, bool chainsFlushed)
     {
         _dirty.RemoveAll(slot =>
         {
-            if (slot.DirtyEpoch >= epoch)
+            if (!slotsClean || slot.DirtyEpoch >= epoch)
             {
                 return false;
             }
@@ -405,7 +438,7 @@ internal sealed class SiteScheduler : IDisposable
         });
         _retired.RemoveAll(retired =>
         {
-            if (retired.Epoch >= epoch)
+            if (!chainsFlushed || retired.Epoch >= epoch)
             {
                 return false;
             }
@@ -469,8 +502,8 @@ internal sealed class SiteScheduler : IDisposable
     private static ulong[] AppliedTargets(Site site) =>
         [.. site.Slots.Where(s => s.Target != 0).Select(s => s.Target), .. site.Chain?.Targets ?? []];
 
-    /// <summary>Flush <paramref name="epoch"/> timed out: every request that needed it returns to its old state.</summary>
-    private void RollBack(long epoch)
+    /// <summary>Flush <paramref name="epoch"/> timed out (or its fence failed): every request that needed it returns to its old state.</summary>
+    private void RollBack(long epoch, Exception? failure = null)
     {
         var victims = _pending.Where(s => s.Pending!.Epoch < epoch).ToList();
         if (victims.Count == 0)
@@ -509,9 +542,11 @@ internal sealed class SiteScheduler : IDisposable
                 site.Pending = null;
             }
 
-            request.Completion.TrySetException(new PatchTimeoutException(
-                $"Site '{site.Name}': a thread flush did not complete within {Patcher.Options.FlushTimeout.TotalMilliseconds} ms " +
-                "(a thread blocks the flush signal or is stopped); the site was rolled back to its previous targets."));
+            request.Completion.TrySetException(failure is null
+                ? new PatchTimeoutException(
+                    $"Site '{site.Name}': a thread flush did not complete within {Patcher.Options.FlushTimeout.TotalMilliseconds} ms " +
+                    "(a thread blocks the flush signal or is stopped); the site was rolled back to its previous targets.")
+                : new PatchRejectedException($"Site '{site.Name}': the grace period failed ({failure.Message}); the site was rolled back to its previous targets.", failure));
         }
     }
 

@@ -30,6 +30,9 @@ internal static class ControlBlock
     /// <summary>A zeroed kernel <c>struct sigaction</c> (SIG_DFL), used to re-raise a foreign trap when the previous action was the default.</summary>
     public const int DefaultAction = 64;
 
+    /// <summary>SIGTRAP deliveries whose context the kernel had moved to a restartable window's abort handler (returned from at once).</summary>
+    public const int RseqRestarts = 96;
+
     public const int Size = 128;
 
     /// <summary>Bytes per trap table entry.</summary>

@@ -26,9 +26,17 @@ internal static class HandlerCode
     private const int SysTgkill = 234;
 
     /// <summary>Entry points inside the assembled page.</summary>
-    internal readonly record struct Entries(ulong TrapHandler, ulong FlushHandler, ulong SelfTest, ulong SelfTestTrap, ulong SelfTestRedirect);
+    internal readonly record struct Entries(ulong TrapHandler, ulong FlushHandler, ulong SelfTest, ulong SelfTestTrap, ulong SelfTestRedirect, RseqTestEntries? Rseq);
 
-    public static (byte[] Code, Entries Entries) Build(ulong page, ulong controlBlock)
+    /// <summary>
+    /// The rseq self-test: <see cref="Test"/> arms a critical section [<see cref="Start"/>, <see cref="End"/>)
+    /// that holds an int3 at <see cref="Trap"/>. The kernel restarts it at <see cref="Abort"/> (returns 1)
+    /// when it delivers the SIGTRAP; a trap table entry sends it to <see cref="NotRestarted"/> (returns 2) otherwise.
+    /// </summary>
+    internal readonly record struct RseqTestEntries(ulong Test, ulong Trap, ulong Start, ulong End, ulong Abort, ulong NotRestarted);
+
+    /// <summary>Assembles the handler page at <paramref name="page"/>; with rseq, its self-test arms <paramref name="rseqTestDescriptor"/>.</summary>
+    public static (byte[] Code, Entries Entries) Build(ulong page, ulong controlBlock, long? rseqCsOffset = null, ulong rseqTestDescriptor = 0)
     {
         var asm = new Assembler(64);
         var trap = asm.CreateLabel("trap");
@@ -54,6 +62,31 @@ internal static class HandlerCode
         asm.ret();
         Pad(asm);
 
+        var rseqTest = asm.CreateLabel("rseq_test");
+        var rseqTrap = asm.CreateLabel("rseq_trap");
+        var rseqEnd = asm.CreateLabel("rseq_end");
+        var rseqAbort = asm.CreateLabel("rseq_abort");
+        var rseqNotRestarted = asm.CreateLabel("rseq_not_restarted");
+        if (rseqCsOffset is { } csOffset)
+        {
+            asm.Label(ref rseqTest);
+            asm.xor(eax, eax);
+            asm.AddInstruction(RestartableSequences.ArmInstruction(csOffset, rseqTestDescriptor));
+            asm.Label(ref rseqTrap);
+            asm.int3();
+            asm.nop();
+            asm.Label(ref rseqEnd);
+            asm.ret();
+            asm.Label(ref rseqNotRestarted);
+            asm.mov(eax, 2);
+            asm.ret();
+            asm.dd(RestartableSequences.Signature);
+            asm.Label(ref rseqAbort);
+            asm.mov(eax, 1);
+            asm.ret();
+            Pad(asm);
+        }
+
         // A retpoline to chain to the previous handler (jmp rax without consulting the BTB).
         var capture = asm.CreateLabel();
         var setup = asm.CreateLabel();
@@ -70,7 +103,9 @@ internal static class HandlerCode
         var writer = new BytesWriter();
         var result = asm.Assemble(writer, page, BlockEncoderOptions.ReturnNewInstructionOffsets);
         ulong At(Label label) => result.GetLabelRIP(label);
-        return (writer.Bytes.ToArray(), new Entries(At(trap), At(flush), At(selfTest), At(selfTestTrap), At(selfTestRedirect)));
+        var rseqEntries = rseqCsOffset is null ? (RseqTestEntries?)null
+            : new RseqTestEntries(At(rseqTest), At(rseqTrap), At(rseqTrap), At(rseqEnd), At(rseqAbort), At(rseqNotRestarted));
+        return (writer.Bytes.ToArray(), new Entries(At(trap), At(flush), At(selfTest), At(selfTestTrap), At(selfTestRedirect), rseqEntries));
     }
 
     /// <summary>
@@ -91,10 +126,28 @@ internal static class HandlerCode
         var byDefault = asm.CreateLabel();
         var stale = asm.CreateLabel();
 
+        var notRestarted = asm.CreateLabel();
         asm.Label(ref entry);
         asm.cmp(__dword_ptr[rsi + SiCode], SiKernel);
         asm.jne(chain);
         asm.mov(r9, __qword_ptr[rdx + UcRip]);
+
+        // The trap came from inside an armed restartable window: the kernel has already moved the
+        // context to the window's abort handler (the 4 bytes before it are the rseq signature), which
+        // restarts the site from its arming store. Nothing to do. RIP-4 is read only when it lies in the
+        // page of RIP-1, which is mapped (a trap's int3, or the second byte of `int $3`); neither of
+        // those can be preceded by the signature, whose last byte is 0x53.
+        asm.lea(rax, __[r9 - 1]);
+        asm.and(eax, 0xFFF);
+        asm.cmp(eax, 3);
+        asm.jb(notRestarted);
+        asm.cmp(__dword_ptr[r9 - 4], unchecked((int)RestartableSequences.Signature));
+        asm.jne(notRestarted);
+        asm.mov(rax, cb);
+        asm.@lock.inc(__qword_ptr[rax + ControlBlock.RseqRestarts]);
+        asm.ret();
+
+        asm.Label(ref notRestarted);
         asm.dec(r9);
         asm.mov(rax, cb);
         asm.mov(r8, __qword_ptr[rax + ControlBlock.TrapTable]);

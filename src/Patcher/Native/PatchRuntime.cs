@@ -30,7 +30,23 @@ internal sealed unsafe class PatchRuntime
             throw new InvalidOperationException($"Mapping the signal-handler page failed: {PatcherOs.Describe(PatcherOs.LastErrno)}.");
         }
 
-        var (code, entries) = HandlerCode.Build((ulong)page, (ulong)_cb);
+        // rseq: glibc's registration (the descriptor for the self-test is reserved before the page is built).
+        var registration = PatcherOs.RseqRegistration();
+        RestartableSequences? rseq = null;
+        ulong rseqTestDescriptor = 0;
+        if (registration is { Size: >= 20 } found)   // the original ABI (20 bytes) already has rseq_cs at 8
+        {
+            rseq = new RestartableSequences(found.Offset);
+            rseqTestDescriptor = rseq.ReserveDescriptor();
+        }
+        else
+        {
+            RseqUnavailable = registration is null
+                ? "glibc registers no rseq area (older than 2.35)"
+                : "glibc did not register rseq (glibc.pthread.rseq=0, or the kernel lacks rseq)";
+        }
+
+        var (code, entries) = HandlerCode.Build((ulong)page, (ulong)_cb, rseq?.CsFieldOffset, rseqTestDescriptor);
         code.CopyTo(new Span<byte>((void*)page, 4096));
         // Sealed before use: the page is writable only while no code in it can run, never both.
         if (PatcherOs.Mprotect(page, 4096, PatcherOs.ProtRead | PatcherOs.ProtExec) != 0)
@@ -43,7 +59,20 @@ internal sealed unsafe class PatchRuntime
         InstallFlushHandler();
         InstallTrapHandler();
         SelfTest();
+        if (rseq is not null)
+        {
+            RseqUnavailable = EnableRseq(rseq, rseqTestDescriptor);
+            Rseq = RseqUnavailable is null ? rseq : null;
+        }
     }
+
+    /// <summary>Restartable sequences, when the kernel and glibc support them and the self-test passed; else null.</summary>
+    public RestartableSequences? Rseq { get; }
+
+    /// <summary>Why <see cref="Rseq"/> is null (null when it is not).</summary>
+    public string? RseqUnavailable { get; }
+
+    public long RseqRestarts => Interlocked.Read(ref *(long*)(_cb + ControlBlock.RseqRestarts));
 
     /// <summary>Serialises batch application across every engine of the process (one trap table at a time).</summary>
     public Lock PatchLock { get; } = new();
@@ -205,6 +234,44 @@ internal sealed unsafe class PatchRuntime
         {
             throw new InvalidOperationException($"Installing the SIGTRAP handler failed: {PatcherOs.Describe(PatcherOs.LastErrno)}.");
         }
+    }
+
+    /// <summary>
+    /// Registers for the membarrier rseq command and checks, on this thread, that the kernel restarts an
+    /// armed sequence when it delivers a signal inside it and that the trap handler leaves the restarted
+    /// context alone. Returns why rseq cannot be used, or null.
+    /// </summary>
+    private string? EnableRseq(RestartableSequences rseq, ulong descriptor)
+    {
+        var supported = PatcherOs.Membarrier(PatcherOs.MembarrierQuery);
+        if (supported < 0 || (supported & PatcherOs.MembarrierPrivateExpeditedRseq) == 0)
+        {
+            return "the kernel has no membarrier(PRIVATE_EXPEDITED_RSEQ) (Linux 5.10 and later)";
+        }
+
+        if (PatcherOs.Membarrier(PatcherOs.MembarrierRegisterPrivateExpeditedRseq) != 0)
+        {
+            return $"registering for membarrier(PRIVATE_EXPEDITED_RSEQ) failed: {PatcherOs.Describe(PatcherOs.LastErrno)}";
+        }
+
+        var test = Entries.Rseq!.Value;
+        RestartableSequences.Describe(descriptor, test.Start, test.End, test.Abort);
+        var table = (ulong*)NativeMemory.AlignedAlloc(8 + ControlBlock.TrapEntrySize, 64);
+        table[0] = 1;
+        table[1] = test.Trap;
+        table[2] = 0;
+        table[3] = test.NotRestarted;
+        table[4] = 0;
+        int result;
+        lock (PatchLock)
+        {
+            PublishTrapTable((nint)table);
+            result = ((delegate* unmanaged<int>)test.Test)();
+            PublishTrapTable(0);
+        }
+
+        Retire((nint)table, 8 + ControlBlock.TrapEntrySize);
+        return result == 1 ? null : $"the rseq self-test failed: the kernel did not restart an armed sequence at a signal (result {result})";
     }
 
     /// <summary>Executes an armed int3 and checks that the handler redirected it.</summary>

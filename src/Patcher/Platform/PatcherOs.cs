@@ -14,6 +14,8 @@ internal static unsafe partial class PatcherOs
     public const int MembarrierQuery = 0;
     public const int MembarrierPrivateExpeditedSyncCore = 32;
     public const int MembarrierRegisterPrivateExpeditedSyncCore = 64;
+    public const int MembarrierPrivateExpeditedRseq = 128;
+    public const int MembarrierRegisterPrivateExpeditedRseq = 256;
 
     public const int SigTrapNumber = 5;
     public const int SaSiginfo = 4;
@@ -31,6 +33,7 @@ internal static unsafe partial class PatcherOs
     public const int MapShared = 0x01;
     public const int MapPrivate = 0x02;
     public const int MapAnonymous = 0x20;
+    public const int MapThirtyTwoBit = 0x40;
     public const int MapNoReserve = 0x4000;
     public const int MadvPopulateWrite = 23;
 
@@ -82,6 +85,23 @@ internal static unsafe partial class PatcherOs
     public static partial int SigRtMax();
 
     public static long Membarrier(int command) => Syscall3(SysMembarrier, command, 0, 0);
+
+    /// <summary>
+    /// glibc's rseq registration (2.35 and later register every thread they create): the offset of this
+    /// thread's <c>struct rseq</c> from the thread pointer and its size, or null when glibc exports
+    /// neither, or registered nothing (size 0: <c>glibc.pthread.rseq=0</c>, or a kernel without rseq).
+    /// </summary>
+    public static (long Offset, int Size)? RseqRegistration()
+    {
+        var libc = NativeLibrary.Load(Libc);
+        if (!NativeLibrary.TryGetExport(libc, "__rseq_offset", out var offset) || !NativeLibrary.TryGetExport(libc, "__rseq_size", out var size))
+        {
+            return null;
+        }
+
+        var bytes = Marshal.ReadInt32(size);
+        return bytes == 0 ? null : (Marshal.ReadInt64(offset), bytes);
+    }
 
     /// <summary>Sleeps for about <paramref name="microseconds"/> (a timer on this thread's CPU: nobody has to wake it).</summary>
     public static void SleepMicroseconds(long microseconds)
