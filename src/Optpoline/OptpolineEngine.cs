@@ -910,6 +910,19 @@ public sealed partial class OptpolineEngine : IDisposable
         }
     }
 
+    /// <summary>
+    /// Names a block whose bytes a patch batch is about to write (a chain in a reused arena slot): no
+    /// record now, since the bytes are not there yet; the batch records them as a text poke, and the
+    /// jitdump loads the block as it is after the batch (<see cref="Republish"/>).
+    /// </summary>
+    internal void PublishBeforeWrite(CodeBlock block, string name)
+    {
+        lock (_published)
+        {
+            _published[block.Address] = (block, name);
+        }
+    }
+
     /// <summary>A published block is about to be freed.</summary>
     internal void Unpublish(CodeBlock block)
     {

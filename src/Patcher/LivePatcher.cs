@@ -87,11 +87,22 @@ public sealed unsafe class LivePatcher
     }
 
     /// <summary>
-    /// Whether enough batch tables wait for a thread flush that one should run soon: a batch's trap
-    /// table can be freed only after a flush proves no trap handler still reads it. The engine's grace
-    /// worker checks this; a host that uses the patcher alone calls <see cref="Flush"/> when it is set.
+    /// Whether enough batch tables wait to be freed that <see cref="ReclaimTables"/> should run soon: a
+    /// batch's trap table is freed once no trap handler reads it, which the batch itself checks as it
+    /// ends; a handler that was reading then (a thread preempted in it) leaves the table for later.
+    /// The engine's grace worker checks this; a host that uses the patcher alone calls
+    /// <see cref="ReclaimTables"/> when it is set.
     /// </summary>
     public bool FlushDue => _runtime.RetiredBytes > RetiredBudgetBytes;
+
+    /// <summary>Frees the retired trap tables if no trap handler is reading one now; returns whether they were freed.</summary>
+    public bool ReclaimTables() => _runtime.ReclaimRetired();
+
+    /// <summary>Bytes of retired trap tables not freed yet.</summary>
+    internal long RetiredTableBytes => _runtime.RetiredBytes;
+
+    /// <summary>Test seam: counts a trap handler in (+1) or out (-1) of the trap table, as the handler does.</summary>
+    internal void TrapReadersForTest(int delta) => _runtime.AddTrapReaders(delta);
 
     /// <summary>
     /// Called after the tails are written and before any first byte is restored, that is, before a
@@ -193,6 +204,12 @@ public sealed unsafe class LivePatcher
                 }
 
                 CoreSync();
+                if (patches.Any(p => p.FenceAfterArming))
+                {
+                    // Bytes inside restartable windows: a thread that entered before the int3 is
+                    // restarted now, so none is past it when the tails change.
+                    RestartWindows();
+                }
 
                 // Second step: the tails. Threads that arrive now trap and take the equivalent path.
                 foreach (var patch in effective)
@@ -235,6 +252,7 @@ public sealed unsafe class LivePatcher
             {
                 _runtime.PublishTrapTable(0);
                 _runtime.Retire(table, tableBytes);
+                _runtime.ReclaimRetired();
             }
 
             Interlocked.Increment(ref _batches);
@@ -270,7 +288,8 @@ public sealed unsafe class LivePatcher
         var limit = timeout ?? Options.FlushTimeout;
         lock (_runtime.FlushLock)
         {
-            var freeable = _runtime.TakeRetired();
+            // Descriptors of earlier flushes may still be read by a late handler; they go when this one completes.
+            var freeable = _runtime.TakeStaleDescriptors();
             var pid = PatcherOs.Getpid();
             var self = PatcherOs.Gettid();
             var tids = PatcherOs.ThreadIds();
@@ -324,11 +343,7 @@ public sealed unsafe class LivePatcher
             }
             else
             {
-                foreach (var (table, bytes) in freeable)
-                {
-                    _runtime.Retire(table, bytes);
-                }
-
+                _runtime.ReturnStaleDescriptors(freeable);
                 Interlocked.Increment(ref _flushTimeouts);
             }
 

@@ -36,7 +36,7 @@ public sealed class BatchTests
     }
 
     [Test]
-    public void Batch_tables_are_freed_by_a_flush_even_when_no_promotion_waits()
+    public void Batch_tables_are_freed_as_their_batch_ends_when_no_trap_handler_reads_them()
     {
         using var engine = new OptpolineEngine();
         var targets = ChecksumCode.EmitTargets(engine, 1);
@@ -51,14 +51,35 @@ public sealed class BatchTests
             Assert.That(engine.PromoteAsync(demote).IsCompletedSuccessfully, Is.True);
         }
 
-        var deadline = DateTime.UtcNow.AddSeconds(5);
-        while (engine.Scheduler.Patcher.FlushDue && DateTime.UtcNow < deadline)
+        Assert.That(engine.Scheduler.Patcher.RetiredTableBytes, Is.Zero, "every table was freed as its batch ended");
+        Assert.That(engine.PatchStatistics.Flushes, Is.EqualTo(flushesBefore), "no thread flush was needed for that");
+    }
+
+    [Test]
+    public void A_batch_table_stays_while_a_trap_handler_may_read_it()
+    {
+        // The broken variant would free a table whatever the handlers do; a handler in flight is simulated
+        // by its reader count (what the handler increments before it loads the table pointer).
+        using var engine = new OptpolineEngine();
+        var targets = ChecksumCode.EmitTargets(engine, 1);
+        var site = engine.CreateInlineSite(Register.RCX, 1);
+        ChecksumCode.EmitDriver(engine, Register.RCX, site);
+        var patcher = engine.Scheduler.Patcher;
+        Assert.That(patcher.ReclaimTables(), Is.True);
+        patcher.TrapReadersForTest(+1);
+        try
         {
-            Thread.Sleep(10);
+            site.Promote(targets);
+            Assert.That(patcher.RetiredTableBytes, Is.GreaterThan(0), "a reader may hold the batch's table");
+            Assert.That(patcher.ReclaimTables(), Is.False);
+        }
+        finally
+        {
+            patcher.TrapReadersForTest(-1);
         }
 
-        Assert.That(engine.Scheduler.Patcher.FlushDue, Is.False, "the grace worker flushed and freed the tables");
-        Assert.That(engine.PatchStatistics.Flushes, Is.GreaterThan(flushesBefore));
+        Assert.That(patcher.ReclaimTables(), Is.True);
+        Assert.That(patcher.RetiredTableBytes, Is.Zero);
     }
 
     [Test]

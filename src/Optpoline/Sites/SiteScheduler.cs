@@ -24,6 +24,7 @@ namespace Optpoline.Sites;
 internal sealed class SiteScheduler : IDisposable
 {
     private readonly OptpolineEngine _engine;
+    private readonly ChainArena? _arena;
     private readonly List<RetiredChain> _retired = [];
     private readonly HashSet<Site> _pending = [];
     private readonly List<Slot> _dirty = [];
@@ -39,6 +40,11 @@ internal sealed class SiteScheduler : IDisposable
         _engine = engine;
         Patcher = patcher;
         SkipGracePeriod = skipGracePeriod;
+        if (patcher.RestartableSequences is { } rseq)
+        {
+            _arena = new ChainArena(engine.Code, rseq, engine.GetFallback, engine.Publish);
+        }
+
         _worker = new Thread(Work) { IsBackground = true, Name = "optpoline grace periods" };
         _worker.Start();
     }
@@ -96,6 +102,10 @@ internal sealed class SiteScheduler : IDisposable
                         if (chain is not null)
                         {
                             created.Add(chain);
+                            if (chain.Write is { } write)
+                            {
+                                plan.Patches.Add(write);
+                            }
                         }
                     }
 
@@ -116,8 +126,7 @@ internal sealed class SiteScheduler : IDisposable
             {
                 foreach (var chain in created)
                 {
-                    _engine.Unpublish(chain.Block);
-                    _engine.Code.Free(chain.Block);
+                    Free(chain, linked: false);
                 }
 
                 throw;
@@ -184,9 +193,19 @@ internal sealed class SiteScheduler : IDisposable
 
     private OutlineChain CreateChain(Site site, ulong[] outline)
     {
-        var chain = OutlineChain.TryCreate(_engine.Code, site.Register, outline, site.Tail, out var unreachable)
+        var chain = (_arena is null
+            ? OutlineChain.TryCreate(_engine.Code, site.Register, outline, site.Tail, out var unreachable)
+            : OutlineChain.TryCreate(_arena, _engine.Code, site.Register, outline, site.Tail, out unreachable))
             ?? throw site.Unreachable(unreachable);
-        _engine.Publish(chain.Block, $"{site.Name}_chain");
+        if (chain.Write is null)
+        {
+            _engine.Publish(chain.Block, $"{site.Name}_chain");
+        }
+        else
+        {
+            _engine.PublishBeforeWrite(chain.Block, $"{site.Name}_chain");
+        }
+
         return chain;
     }
 
@@ -363,12 +382,18 @@ internal sealed class SiteScheduler : IDisposable
 
                 epoch = ++_epoch;
                 ranges = restartable ? [] : [.. _dirty.Where(s => s.DirtyEpoch < epoch).Select(s => s.CriticalRange)];
-                ranges.AddRange(_retired.Where(r => r.Epoch < epoch).Select(r => new FlushRange(r.Chain.Block.Address, r.Chain.Block.Address + (ulong)r.Chain.Block.Size, r.Fallback)));
+                ranges.AddRange(_retired.Where(r => r.Epoch < epoch && r.Chain.Slot is null).Select(r => new FlushRange(r.Chain.Block.Address, r.Chain.Block.Address + (ulong)r.Chain.Block.Size, r.Fallback)));
             }
 
-            // Slot windows are restartable sequences: one fence is their grace period, and the kernel
-            // guarantees it whatever the threads do. Only retired chains and trap tables still need a
-            // thread flush; when it times out they wait for the next one, and no request rolls back.
+            // Trap tables a handler was still reading when their batch ended.
+            if (Patcher.FlushDue)
+            {
+                Patcher.ReclaimTables();
+            }
+
+            // Slots and chains are restartable windows: one fence is their grace period, and the kernel
+            // guarantees it whatever the threads do (no signal, no thread list). Without rseq, a thread
+            // flush; when it times out, what waited for it is rolled back.
             var slotsClean = false;
             var completed = false;
             var failure = (Exception?)null;
@@ -378,7 +403,7 @@ internal sealed class SiteScheduler : IDisposable
                 {
                     Patcher.RestartWindows();
                     slotsClean = true;
-                    completed = (ranges.Count == 0 && !Patcher.FlushDue) || Patcher.Flush(ranges);
+                    completed = ranges.Count == 0 || Patcher.Flush(ranges);
                 }
                 else
                 {
@@ -443,8 +468,7 @@ internal sealed class SiteScheduler : IDisposable
                 return false;
             }
 
-            _engine.Unpublish(retired.Chain.Block);
-            _engine.Code.Free(retired.Chain.Block);
+            Free(retired.Chain, linked: true);
             return true;
         });
 
@@ -547,6 +571,20 @@ internal sealed class SiteScheduler : IDisposable
                     $"Site '{site.Name}': a thread flush did not complete within {Patcher.Options.FlushTimeout.TotalMilliseconds} ms " +
                     "(a thread blocks the flush signal or is stopped); the site was rolled back to its previous targets.")
                 : new PatchRejectedException($"Site '{site.Name}': the grace period failed ({failure.Message}); the site was rolled back to its previous targets.", failure));
+        }
+    }
+
+    /// <summary>A chain no thread can be inside of any more (or never linked) goes back to its arena or allocator.</summary>
+    private void Free(OutlineChain chain, bool linked)
+    {
+        _engine.Unpublish(chain.Block);
+        if (chain.Slot is { } slot)
+        {
+            _arena!.Return(slot, linked);
+        }
+        else
+        {
+            _engine.Code.Free(chain.Block);
         }
     }
 

@@ -33,6 +33,9 @@ internal static class ControlBlock
     /// <summary>SIGTRAP deliveries whose context the kernel had moved to a restartable window's abort handler (returned from at once).</summary>
     public const int RseqRestarts = 96;
 
+    /// <summary>Trap handlers between loading the trap table and their last read of it.</summary>
+    public const int TrapReaders = 104;
+
     public const int Size = 128;
 
     /// <summary>Bytes per trap table entry.</summary>

@@ -147,9 +147,12 @@ internal static class HandlerCode
         asm.@lock.inc(__qword_ptr[rax + ControlBlock.RseqRestarts]);
         asm.ret();
 
+        // A reader of the trap table from here to the end of the search: a retired table is freed only
+        // when no reader is counted after it was unpublished (PatchRuntime.ReclaimRetired).
         asm.Label(ref notRestarted);
         asm.dec(r9);
         asm.mov(rax, cb);
+        asm.@lock.inc(__qword_ptr[rax + ControlBlock.TrapReaders]);
         asm.mov(r8, __qword_ptr[rax + ControlBlock.TrapTable]);
         asm.test(r8, r8);
         asm.jz(stale);
@@ -177,6 +180,8 @@ internal static class HandlerCode
         // wait for a trap in flight). If the byte is no longer int3, it was ours: run the restored
         // instruction. If it still is, the int3 is someone else's.
         asm.Label(ref stale);
+        asm.mov(rax, cb);
+        asm.@lock.dec(__qword_ptr[rax + ControlBlock.TrapReaders]);
         asm.cmp(__byte_ptr[r9], 0xCC);
         asm.je(chain);
         asm.mov(__qword_ptr[rdx + UcRip], r9);
@@ -184,18 +189,21 @@ internal static class HandlerCode
         asm.@lock.inc(__qword_ptr[rax + ControlBlock.StaleTraps]);
         asm.ret();
 
+        // Found: the entry's fields are read into registers before the table is let go.
         asm.Label(ref found);
         asm.mov(r9, __qword_ptr[rax + 16]);
-        asm.cmp(__qword_ptr[rax + 8], 0);
+        asm.mov(r10, __qword_ptr[rax + 8]);
+        asm.mov(r11, __qword_ptr[rax + 24]);
+        asm.mov(rax, cb);
+        asm.@lock.dec(__qword_ptr[rax + ControlBlock.TrapReaders]);
+        asm.test(r10, r10);
         asm.je(setRip);
         asm.mov(r10, __qword_ptr[rdx + UcRsp]);
         asm.sub(r10, 8);
-        asm.mov(r11, __qword_ptr[rax + 24]);
         asm.mov(__qword_ptr[r10], r11);
         asm.mov(__qword_ptr[rdx + UcRsp], r10);
         asm.Label(ref setRip);
         asm.mov(__qword_ptr[rdx + UcRip], r9);
-        asm.mov(rax, cb);
         asm.@lock.inc(__qword_ptr[rax + ControlBlock.TrapHits]);
         asm.ret();
 

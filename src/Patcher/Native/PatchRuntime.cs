@@ -16,6 +16,7 @@ internal sealed unsafe class PatchRuntime
 
     private readonly byte* _cb;
     private readonly List<(nint Table, long Bytes)> _retired = [];
+    private readonly List<(nint Table, long Bytes)> _staleDescriptors = [];
     private long _retiredBytes;
 
     private PatchRuntime(int flushSignal)
@@ -128,9 +129,8 @@ internal sealed unsafe class PatchRuntime
     public void PublishFlushDescriptor(nint descriptor) => Volatile.Write(ref *(nint*)(_cb + ControlBlock.FlushDescriptor), descriptor);
 
     /// <summary>
-    /// Hands a table that handlers may still be reading to the runtime; it is freed after a thread
-    /// flush that started later has completed (every thread then ran a flush handler, and the flush
-    /// signal is blocked inside the trap handler, so no earlier handler invocation is still running).
+    /// Hands an unpublished table that handlers may still be reading to the runtime; it is freed by
+    /// <see cref="ReclaimRetired"/> once no trap handler counts itself as a reader.
     /// </summary>
     public void Retire(nint table, long bytes)
     {
@@ -141,17 +141,49 @@ internal sealed unsafe class PatchRuntime
         }
     }
 
-    /// <summary>Called as a flush starts: the tables retired so far become freeable when it completes.</summary>
-    public List<(nint Table, long Bytes)> TakeRetired()
+    /// <summary>
+    /// Frees every retired table when no trap handler is reading one: a handler counts itself as a
+    /// reader (locked increment) before it loads the table pointer, and every table here was unpublished
+    /// before it was retired, so a count of zero read after a full fence means no handler holds one.
+    /// Returns whether the tables were freed (else they stay for a later call, or a thread flush).
+    /// </summary>
+    public bool ReclaimRetired()
     {
         lock (_retired)
         {
-            var taken = new List<(nint, long)>(_retired);
+            if (_retired.Count == 0)
+            {
+                return true;
+            }
+
+            Interlocked.MemoryBarrier();
+            if (Interlocked.Read(ref *(long*)(_cb + ControlBlock.TrapReaders)) != 0)
+            {
+                return false;
+            }
+
+            FreeRetired(_retired);
             _retired.Clear();
             _retiredBytes = 0;
-            return taken;
+            return true;
         }
     }
+
+    internal void AddTrapReaders(long delta) => Interlocked.Add(ref *(long*)(_cb + ControlBlock.TrapReaders), delta);
+
+    /// <summary>
+    /// Called as a flush starts (under <see cref="FlushLock"/>): the descriptors of earlier flushes become
+    /// freeable when it completes, since every thread then ran a handler that started after them.
+    /// </summary>
+    public List<(nint Table, long Bytes)> TakeStaleDescriptors()
+    {
+        var taken = new List<(nint, long)>(_staleDescriptors);
+        _staleDescriptors.Clear();
+        return taken;
+    }
+
+    /// <summary>A flush timed out: its descriptors wait for the next one.</summary>
+    public void ReturnStaleDescriptors(List<(nint Table, long Bytes)> descriptors) => _staleDescriptors.AddRange(descriptors);
 
     /// <summary>Bytes of retired tables waiting for a flush.</summary>
     public long RetiredBytes
