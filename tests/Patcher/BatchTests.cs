@@ -193,6 +193,64 @@ public sealed class BatchTests
         }
     }
 
+    [Test]
+    public void A_grace_period_that_times_out_while_patching_is_suspended_neither_patches_nor_relinks_a_freed_chain()
+    {
+        // Review finding F4 (thread-flush fallback: restartable windows never time out). A flush that
+        // completes while patching is suspended frees the retired chain; a later timed-out flush must not
+        // roll the waiting request back onto it, nor patch anything while suspended.
+        using var engine = new OptpolineEngine(new EngineOptions
+        {
+            Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100), UseRestartableSequences = false },
+        });
+        var targets = ChecksumCode.EmitTargets(engine, 10);
+        var site = engine.CreateInlineSite(Register.RCX, 1);
+        var driver = ChecksumCode.EmitDriver(engine, Register.RCX, site);
+        site.Promote(targets[..3]);
+        var c0 = site.Chain!.Block;
+        var request = site.PromoteAsync([targets[3], targets[4], targets[5]]);   // slot 0 waits; C0 is retired
+        engine.PatchingSuspended = true;
+        Assert.That(SpinWait.SpinUntil(() => engine.Scheduler.RetiredChainCount == 0, 5000), Is.True, "a flush completed and freed C0");
+        Assert.That(engine.Code.IsLive(c0.Address, 1), Is.False);
+        Assert.That(request.IsCompleted, Is.False, "the promotion waits while patching is suspended");
+
+        var patches = engine.PatchStatistics.Patches;
+        using var blocked = new ManualResetEventSlim();
+        using var release = new ManualResetEventSlim();
+        var blocker = new Thread(() =>
+        {
+            NativeThreads.Block(engine.Scheduler.Patcher.FlushSignal);
+            blocked.Set();
+            release.Wait();
+            NativeThreads.Unblock(engine.Scheduler.Patcher.FlushSignal);
+        });
+        blocker.Start();
+        blocked.Wait();
+        try
+        {
+            var timeouts = engine.GracePeriodTimeouts;
+            Assert.That(SpinWait.SpinUntil(() => engine.GracePeriodTimeouts > timeouts, 5000), Is.True, "a flush timed out");
+            Assert.That(engine.PatchStatistics.Patches, Is.EqualTo(patches), "no patch while suspended");
+            Assert.That(engine.Code.IsLive(site.Chain!.Block.Address, 1), Is.True, "the site links a live chain");
+        }
+        finally
+        {
+            release.Set();
+            blocker.Join();
+        }
+
+        engine.PatchingSuspended = false;
+        Assert.That(request.Wait(TimeSpan.FromSeconds(10)), Is.True, "after resuming, the promotion lands");
+        Assert.That(site.Targets, Is.EqualTo(targets[3..6]));
+        for (var k = 0; k < targets.Length; k++)
+        {
+            var (actual, expected) = ChecksumCode.Run(driver, Register.RCX, k, targets[k], new Random(k));
+            Assert.That(actual, Is.EqualTo(expected));
+        }
+
+        Assert.That(engine.AuditCode(), Is.Empty);
+    }
+
     private static byte[] SiteBytes(OptpolineEngine engine, InlineSite site)
     {
         var bytes = new byte[site.InlineLength];
