@@ -201,10 +201,15 @@ public static class Program
         var sites = Option("--sites", 256);
         var patches = Option("--patches", 1_000_000);
         var window = Option("--window", 0);
+        var hostile = args.Contains("--hostile") ? HostileOptions.All : null;
+        var sigpending = Option("--sigpending", -1);
         using var engine = new OptpolineEngine(new EngineOptions { SlotWindowPauses = window });
         using var workload = new StressWorkload(engine, sites);
-        Console.WriteLine($"stress: {threads} caller threads, {sites} sites, up to {seconds} s or {patches:N0} patches, window {window} pauses");
-        var result = workload.Run(threads, TimeSpan.FromSeconds(seconds), patches);
+        var grace = engine.Scheduler.Patcher.RestartableSequencesUnavailable is { } why ? $"thread flushes ({why})" : "restartable windows";
+        Console.WriteLine($"stress: {threads} caller threads, {sites} sites, up to {seconds} s or {patches:N0} patches, window {window} pauses, grace periods by {grace}" +
+            (hostile is null ? "" : ", hostile host (profiler signals, thread churn, a worker blocking every signal)") +
+            (sigpending < 0 ? "" : $", RLIMIT_SIGPENDING {HostileHost.LimitQueuedSignals(sigpending)}"));
+        var result = workload.Run(threads, TimeSpan.FromSeconds(seconds), patches, hostile: hostile);
         Console.WriteLine(result);
         var audit = engine.AuditCode();
         foreach (var problem in audit)

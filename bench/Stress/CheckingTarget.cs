@@ -20,4 +20,26 @@ public static class CheckingTarget
         asm.ret();
         return engine.Assemble(asm, name: name).Address;
     }
+
+    /// <summary>
+    /// As <see cref="Emit"/>, and consumes the caller's ticket: decrements the qword just above its
+    /// return address (<c>[rsp+8]</c>, the top of the <see cref="SiteLoop"/> frame, whatever path the
+    /// site took: a direct call, a chain's jump, the thunk, an emulated call). The loop sets the ticket
+    /// to 1 before each site and counts a call as wrong unless it is 0 after: a skipped call or a
+    /// duplicated one shows, on any register. Only for <see cref="SiteLoop"/> callers.
+    /// </summary>
+    public static ulong EmitTicketed(OptpolineEngine engine, Register register, string? name = null)
+    {
+        ArgumentNullException.ThrowIfNull(engine);
+        var asm = new Assembler(64);
+        var self = asm.CreateLabel();
+        asm.Label(ref self);
+        asm.lea(r11, __[self]);
+        asm.cmp(new AssemblerRegister64(register), r11);
+        asm.setne(al);
+        asm.movzx(eax, al);
+        asm.dec(__qword_ptr[rsp + 8]);
+        asm.ret();
+        return engine.Assemble(asm, name: name).Address;
+    }
 }

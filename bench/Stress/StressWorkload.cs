@@ -33,7 +33,7 @@ public sealed unsafe class StressWorkload : IDisposable
         _engine = engine;
         foreach (var register in SiteRegisterCycle)
         {
-            _targets[register] = [.. Enumerable.Range(0, targetsPerRegister).Select(_ => CheckingTarget.Emit(engine, register))];
+            _targets[register] = [.. Enumerable.Range(0, targetsPerRegister).Select(_ => CheckingTarget.EmitTicketed(engine, register))];
         }
 
         var random = new Random(seed);
@@ -72,12 +72,18 @@ public sealed unsafe class StressWorkload : IDisposable
     public IReadOnlyList<Site> Sites => _sites;
 
     /// <summary>Runs callers and one patcher for <paramref name="duration"/> (or until <paramref name="patchLimit"/> patches, or the first wrong call when <paramref name="stopAtFirstWrong"/>).</summary>
-    public StressResult Run(int callerThreads, TimeSpan duration, long patchLimit = long.MaxValue, bool stopAtFirstWrong = false, int seed = 7)
+    public StressResult Run(int callerThreads, TimeSpan duration, long patchLimit = long.MaxValue, bool stopAtFirstWrong = false, int seed = 7, HostileOptions? hostile = null)
     {
         var stop = 0;
         long calls = 0, wrong = 0;
+        var tids = new List<int>();
         var callers = Enumerable.Range(0, callerThreads).Select(_ => new Thread(() =>
         {
+            lock (tids)
+            {
+                tids.Add(Optpoline.Platform.LinuxOs.Gettid());
+            }
+
             ulong w = 0;
             const ulong Iterations = 2_000;
             while (Volatile.Read(ref stop) == 0)
@@ -99,6 +105,13 @@ public sealed unsafe class StressWorkload : IDisposable
         var random = new Random(seed);
         var clock = Stopwatch.StartNew();
         callers.ForEach(t => t.Start());
+        using var host = hostile is null ? null : new HostileHost(_engine, hostile, () =>
+        {
+            lock (tids)
+            {
+                return [.. tids];
+            }
+        });
         var requests = 0L;
         var rolledBack = 0L;
         Task last = Task.CompletedTask;
@@ -128,7 +141,12 @@ public sealed unsafe class StressWorkload : IDisposable
         rolledBack += Settle(last);
         var stats = _engine.PatchStatistics;
         return new StressResult(callerThreads, _sites.Length, Interlocked.Read(ref calls), Interlocked.Read(ref wrong),
-            requests, stats.Patches - patchesBefore, _engine.GracePeriods, rolledBack, stats.TrapHits, stats.StaleTraps, clock.Elapsed);
+            requests, stats.Patches - patchesBefore, _engine.GracePeriods, rolledBack, stats.TrapHits, stats.StaleTraps, clock.Elapsed)
+        {
+            Host = host?.ToString(),
+            Fences = stats.Fences,
+            RseqRestarts = stats.RseqRestarts,
+        };
     }
 
     public void Dispose() => NativeMemory.AlignedFree(_tables);
@@ -151,7 +169,17 @@ public sealed unsafe class StressWorkload : IDisposable
 public readonly record struct StressResult(
     int CallerThreads, int Sites, long Calls, long WrongCalls, long Requests, long Patches, long GracePeriods, long RolledBack, long TrapHits, long StaleTraps, TimeSpan Elapsed)
 {
+    /// <summary>What the hostile host did meanwhile (null: nothing).</summary>
+    public string? Host { get; init; }
+
+    /// <summary>rseq fences run (grace periods of restartable windows).</summary>
+    public long Fences { get; init; }
+
+    /// <summary>Traps the kernel had already restarted inside a window.</summary>
+    public long RseqRestarts { get; init; }
+
     public override string ToString() =>
         $"{CallerThreads} caller threads, {Sites} sites, {Calls:N0} calls, {WrongCalls} wrong, {Requests:N0} requests, {Patches:N0} patches, " +
-        $"{GracePeriods:N0} grace periods, {RolledBack} rolled back, {TrapHits:N0} trapped calls, {StaleTraps:N0} late traps, in {Elapsed.TotalSeconds:F1} s";
+        $"{GracePeriods:N0} grace periods ({Fences:N0} fences), {RolledBack} rolled back, {TrapHits:N0} trapped calls, {StaleTraps:N0} late traps, " +
+        $"{RseqRestarts:N0} restarted traps, in {Elapsed.TotalSeconds:F1} s{(Host is null ? "" : $"; host: {Host}")}";
 }

@@ -93,6 +93,80 @@ public sealed unsafe class NestedSignalTests
         return control[Wrong];
     }
 
+    [Test]
+    public void A_thread_parked_in_another_signal_handler_never_resumes_in_a_reused_chain()
+    {
+        var wrong = ReuseChainWhileParked(restartable: true);
+        Assert.That(wrong, Is.Zero, "the outer context followed the reused chain's je with RAX == t0");
+    }
+
+    [Test]
+    public void The_same_test_catches_chains_freed_after_a_thread_flush_alone()
+    {
+        Assert.That(ReuseChainWhileParked(restartable: false), Is.EqualTo(1));
+    }
+
+    /// <summary>
+    /// A site without inline slots calls chain C0 = [t0]; the caller is parked in a host handler with
+    /// its outer context at C0's <c>je t0</c> (flags: equal), or wherever the kernel moved it. C0 is
+    /// retired (promote t1), freed after the next grace period, and its memory goes to C2 = [t2]: the
+    /// same layout, so an outer context resumed there takes <c>je t2</c> with RAX == t0.
+    /// </summary>
+    private static ulong ReuseChainWhileParked(bool restartable)
+    {
+        var control = (ulong*)NativeMemory.AllocZeroed(64);
+        using var engine = new OptpolineEngine(new EngineOptions
+        {
+            Patching = new Optpoline.Patcher.PatcherOptions { UseRestartableSequences = restartable },
+        });
+        var t0 = CheckingTarget.Emit(engine, Register.RAX, "t0");
+        var t1 = CheckingTarget.Emit(engine, Register.RAX, "t1");
+        var t2 = CheckingTarget.Emit(engine, Register.RAX, "t2");
+        var site = engine.CreateInlineSite(Register.RAX, 0, "chained");
+        var loop = EmitLoop(engine, site);
+        site.Promote([t0]);
+        control[Current] = t0;
+        var c0 = site.Chain!.Block;
+        var bytes = c0.GetExecutableSpan().ToArray();
+        var decoder = Decoder.Create(64, new ByteArrayCodeReader(bytes), c0.Address);
+        var je = 0UL;
+        while (decoder.IP < c0.Address + (ulong)bytes.Length && je == 0)
+        {
+            var instruction = decoder.Decode();
+            je = instruction.Code == Code.Je_rel32_64 ? instruction.IP : 0;
+        }
+
+        Assert.That(je, Is.Not.Zero);
+        var restart = site.Chain.Slot is { } slot ? (ulong)Marshal.ReadInt64((nint)slot.Descriptor, 24) : 0;
+        using var host = new HostSignal(engine, HostSignal.SigRtMin() + 10, (je, je + 1), (restart, restart == 0 ? 0 : restart + 5));
+        var tid = 0;
+        var caller = new Thread(() =>
+        {
+            Volatile.Write(ref tid, HostSignal.Gettid());
+            ((delegate* unmanaged<ulong*, void>)loop)(control);
+        }) { IsBackground = true };
+        caller.Start();
+        SpinWait.SpinUntil(() => Volatile.Read(ref tid) != 0);
+        try
+        {
+            Assert.That(host.ParkThread(tid, TimeSpan.FromSeconds(20)), Is.True, "the caller parks at the je (or at the chains' restart)");
+            Assert.That(site.PromoteAsync([t1]).Wait(TimeSpan.FromSeconds(10)), Is.True);
+            Assert.That(SpinWait.SpinUntil(() => engine.Scheduler.RetiredChainCount == 0, 10_000), Is.True, "C0 is freed after a grace period");
+            Assert.That(site.PromoteAsync([t2]).Wait(TimeSpan.FromSeconds(10)), Is.True);
+            Assert.That(site.Chain!.Block.Address, Is.EqualTo(c0.Address), "C2 took C0's memory");
+        }
+        finally
+        {
+            host.Release();
+            var calls = Volatile.Read(ref control[Calls]);
+            SpinWait.SpinUntil(() => Volatile.Read(ref control[Calls]) > calls + 2, 5000);
+            Volatile.Write(ref control[Stop], 1);
+            Assert.That(caller.Join(TimeSpan.FromSeconds(5)), Is.True);
+        }
+
+        return control[Wrong];
+    }
+
     /// <summary><c>loop(ulong* control)</c>: load the target, call through the site, count what the target says, until stop.</summary>
     private static ulong EmitLoop(OptpolineEngine engine, InlineSite site)
     {

@@ -60,6 +60,18 @@ internal sealed class SiteScheduler : IDisposable
 
     public long GraceTimeouts => Interlocked.Read(ref _graceTimeouts);
 
+    /// <summary>Outline chains retired and not yet freed (each waits for a grace period).</summary>
+    internal int RetiredChainCount
+    {
+        get
+        {
+            lock (SyncRoot)
+            {
+                return _retired.Count;
+            }
+        }
+    }
+
     public Task Request(IReadOnlyList<SiteUpdate> updates)
     {
         var seen = new HashSet<Site>();
@@ -432,11 +444,13 @@ internal sealed class SiteScheduler : IDisposable
 
                     if (!completed)
                     {
-                        Interlocked.Increment(ref _graceTimeouts);
                         if (!slotsClean)
                         {
                             RollBack(epoch, failure);
                         }
+
+                        // Counted once handled, so a reader of the counter sees the rollback's effects.
+                        Interlocked.Increment(ref _graceTimeouts);
                     }
                 }
                 catch (PatchRejectedException rejected)
@@ -475,7 +489,17 @@ internal sealed class SiteScheduler : IDisposable
         if (_engine.PatchingSuspended)
         {
             // No patch at all while suspended: the waiting promotions are applied after a flush once
-            // patching resumes (the worker keeps flushing while they wait).
+            // patching resumes (the worker keeps flushing while they wait). The chains retired before
+            // this grace period are gone now, so no rollback point may name one (review finding F4):
+            // a waiting request would roll back to the bytes the site has now.
+            if (chainsFlushed)
+            {
+                foreach (var site in _pending)
+                {
+                    site.Pending!.Restart(AppliedTargets(site), site.Chain, epoch);
+                }
+            }
+
             return;
         }
 
@@ -529,6 +553,13 @@ internal sealed class SiteScheduler : IDisposable
     /// <summary>Flush <paramref name="epoch"/> timed out (or its fence failed): every request that needed it returns to its old state.</summary>
     private void RollBack(long epoch, Exception? failure = null)
     {
+        if (_engine.PatchingSuspended)
+        {
+            // Suspended means no site changes at all: the requests keep waiting, for a grace period
+            // after patching resumes, or for the next timeout then.
+            return;
+        }
+
         var victims = _pending.Where(s => s.Pending!.Epoch < epoch).ToList();
         if (victims.Count == 0)
         {
