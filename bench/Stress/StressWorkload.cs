@@ -102,6 +102,8 @@ public sealed unsafe class StressWorkload : IDisposable
         }) { IsBackground = true }).ToList();
 
         var patchesBefore = _engine.PatchStatistics.Patches;
+        var codeBefore = _engine.Code.LiveBytes;
+        var descriptorsBefore = _engine.Rseq?.Descriptors ?? 0;
         var random = new Random(seed);
         var clock = Stopwatch.StartNew();
         callers.ForEach(t => t.Start());
@@ -139,11 +141,16 @@ public sealed unsafe class StressWorkload : IDisposable
         Volatile.Write(ref stop, 1);
         callers.ForEach(t => t.Join());
         rolledBack += Settle(last);
+
+        // Retired chains go back once the grace worker has run once more.
+        SpinWait.SpinUntil(() => _engine.Scheduler.RetiredChainCount == 0, TimeSpan.FromSeconds(5));
         var stats = _engine.PatchStatistics;
         return new StressResult(callerThreads, _sites.Length, Interlocked.Read(ref calls), Interlocked.Read(ref wrong),
             requests, stats.Patches - patchesBefore, _engine.GracePeriods, rolledBack, stats.TrapHits, stats.StaleTraps, clock.Elapsed)
         {
             Host = host?.ToString(),
+            CodeBytes = (codeBefore, _engine.Code.LiveBytes),
+            NewDescriptors = (_engine.Rseq?.Descriptors ?? 0) - descriptorsBefore,
             Fences = stats.Fences,
             RseqRestarts = stats.RseqRestarts,
         };
@@ -172,6 +179,12 @@ public readonly record struct StressResult(
     /// <summary>What the hostile host did meanwhile (null: nothing).</summary>
     public string? Host { get; init; }
 
+    /// <summary>Live code memory when the run started and when it ended (retired chains freed): what a leak would grow.</summary>
+    public (long Before, long After) CodeBytes { get; init; }
+
+    /// <summary>rseq descriptors created during the run (one per new chain arena block; never freed).</summary>
+    public long NewDescriptors { get; init; }
+
     /// <summary>rseq fences run (grace periods of restartable windows).</summary>
     public long Fences { get; init; }
 
@@ -181,5 +194,6 @@ public readonly record struct StressResult(
     public override string ToString() =>
         $"{CallerThreads} caller threads, {Sites} sites, {Calls:N0} calls, {WrongCalls} wrong, {Requests:N0} requests, {Patches:N0} patches, " +
         $"{GracePeriods:N0} grace periods ({Fences:N0} fences), {RolledBack} rolled back, {TrapHits:N0} trapped calls, {StaleTraps:N0} late traps, " +
-        $"{RseqRestarts:N0} restarted traps, in {Elapsed.TotalSeconds:F1} s{(Host is null ? "" : $"; host: {Host}")}";
+        $"{RseqRestarts:N0} restarted traps, in {Elapsed.TotalSeconds:F1} s; code memory {CodeBytes.Before:N0} -> {CodeBytes.After:N0} bytes, " +
+        $"{NewDescriptors} new rseq descriptors{(Host is null ? "" : $"; host: {Host}")}";
 }

@@ -119,6 +119,12 @@ public sealed unsafe class LivePatcher
     /// <summary>Whether a batch (of any patcher of this process) is being applied now.</summary>
     internal bool Busy => _runtime.PatchLock.IsHeld();
 
+    /// <summary>Test seam: sends a flush signal instead of tgkill, returning (result, errno) (null: tgkill).</summary>
+    internal Func<int, int, int, (int Result, int Errno)>? SignalForTest { get; set; }
+
+    /// <summary>Test seam: the process-wide runtime (flush generation, control block).</summary>
+    internal PatchRuntime Runtime => _runtime;
+
     /// <summary>Test-only broken variant: the text pokes are written after the first bytes are restored.</summary>
     internal bool RecordAfterVisible { get; set; }
 
@@ -328,7 +334,7 @@ public sealed unsafe class LivePatcher
 
             for (var i = 0; i < tids.Count; i++)
             {
-                if (PatcherOs.Tgkill(pid, tids[i], _runtime.FlushSignal) != 0)
+                if (SendFlushSignal(pid, tids[i]).Result != 0)
                 {
                     acks[i] = generation;   // the thread has exited
                 }
@@ -349,6 +355,17 @@ public sealed unsafe class LivePatcher
 
             return completed;
         }
+    }
+
+    private (int Result, int Errno) SendFlushSignal(int pid, int tid)
+    {
+        if (SignalForTest is { } seam)
+        {
+            return seam(pid, tid, _runtime.FlushSignal);
+        }
+
+        var result = PatcherOs.Tgkill(pid, tid, _runtime.FlushSignal);
+        return (result, result == 0 ? 0 : PatcherOs.LastErrno);
     }
 
     private static bool WaitForAcks(List<int> tids, uint* acks, uint generation, TimeSpan limit)

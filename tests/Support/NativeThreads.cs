@@ -11,6 +11,9 @@ internal static unsafe partial class NativeThreads
     [LibraryImport("libc.so.6", EntryPoint = "pthread_sigmask")]
     private static partial int PthreadSigmask(int how, ulong* set, ulong* oldSet);
 
+    [LibraryImport("libc.so.6", EntryPoint = "tgkill")]
+    public static partial int Tgkill(int tgid, int tid, int signal);
+
     public static void Block(int signal) => Change(SigBlock, signal);
 
     public static void Unblock(int signal) => Change(SigUnblock, signal);
