@@ -300,7 +300,13 @@ public sealed unsafe class LivePatcher
             var self = PatcherOs.Gettid();
             var tids = PatcherOs.ThreadIds();
             tids.Remove(self);
+            // Acknowledgement slots start at 0: generation 0 would count every thread as done (finding F12).
             var generation = ++_runtime.FlushGeneration;
+            if (generation == 0)
+            {
+                generation = ++_runtime.FlushGeneration;
+            }
+
             var size = FlushDescriptor.Size(sorted.Count, tids.Count);
             var descriptor = (byte*)NativeMemory.AlignedAlloc((nuint)size, 64);
             new Span<byte>(descriptor, size).Clear();
@@ -332,15 +338,36 @@ public sealed unsafe class LivePatcher
             _runtime.PublishFlushDescriptor((nint)descriptor);
             Interlocked.MemoryBarrier();
 
+            // Only ESRCH means the thread is gone. EAGAIN (the user's queue of real-time signals is full,
+            // RLIMIT_SIGPENDING) or any other failure leaves the thread pending: it is signalled again
+            // while the flush waits, and the flush times out if it never gets through (finding F2).
+            var unsent = new List<int>();
             for (var i = 0; i < tids.Count; i++)
             {
-                if (SendFlushSignal(pid, tids[i]).Result != 0)
+                var (result, errno) = SendFlushSignal(pid, tids[i]);
+                if (result != 0 && errno == PatcherOs.ESRCH)
                 {
-                    acks[i] = generation;   // the thread has exited
+                    acks[i] = generation;
+                }
+                else if (result != 0)
+                {
+                    unsent.Add(i);
                 }
             }
 
-            var completed = WaitForAcks(tids, acks, generation, limit);
+            bool completed;
+            try
+            {
+                completed = WaitForAcks(tids, acks, generation, limit, unsent, pid);
+            }
+            finally
+            {
+                // A signal that arrives after the flush (queued late, or sent by anyone) finds no ranges
+                // to apply (finding F10); the descriptor itself is freed only after a later flush, since
+                // a handler may have loaded it just before this store.
+                _runtime.PublishFlushDescriptor(0);
+            }
+
             if (completed)
             {
                 PatchRuntime.FreeRetired(freeable);
@@ -368,7 +395,7 @@ public sealed unsafe class LivePatcher
         return (result, result == 0 ? 0 : PatcherOs.LastErrno);
     }
 
-    private static bool WaitForAcks(List<int> tids, uint* acks, uint generation, TimeSpan limit)
+    private bool WaitForAcks(List<int> tids, uint* acks, uint generation, TimeSpan limit, List<int> unsent, int pid)
     {
         var clock = Stopwatch.StartNew();
         var nextExitCheck = TimeSpan.FromMilliseconds(1);
@@ -391,6 +418,18 @@ public sealed unsafe class LivePatcher
 
             if (clock.Elapsed > nextExitCheck)
             {
+                // Signals that could not be queued are sent again.
+                unsent.RemoveAll(i =>
+                {
+                    var (result, errno) = SendFlushSignal(pid, tids[i]);
+                    if (result != 0 && errno == PatcherOs.ESRCH)
+                    {
+                        acks[i] = generation;
+                    }
+
+                    return result == 0 || errno == PatcherOs.ESRCH;
+                });
+
                 // A thread that exits after being signalled never acknowledges; it is outside every range.
                 for (var i = 0; i < tids.Count; i++)
                 {

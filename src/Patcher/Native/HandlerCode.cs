@@ -20,6 +20,10 @@ internal static class HandlerCode
     private const int SiCode = 8;
     private const int SiKernel = 128;
 
+    // siginfo_t of a tgkill: si_code SI_TKILL, si_pid (the sender's) at 16.
+    private const int SiTkill = -6;
+    private const int SiPid = 16;
+
     private const int SysRtSigaction = 13;
     private const int SysGetpid = 39;
     private const int SysGettid = 186;
@@ -257,6 +261,16 @@ internal static class HandlerCode
         asm.Label(ref entry);
         asm.mov(rax, cb);
         asm.@lock.inc(__qword_ptr[rax + ControlBlock.FlushRuns]);
+
+        // Only a tgkill from this process is a flush (or a core sync): a signal sent by another process,
+        // or by kill(), moves nothing and acknowledges nothing (finding F10).
+        asm.cmp(__dword_ptr[rsi + SiCode], SiTkill);
+        asm.jne(done);
+        asm.mov(eax, SysGetpid);
+        asm.syscall();
+        asm.cmp(eax, __dword_ptr[rsi + SiPid]);
+        asm.jne(done);
+        asm.mov(rax, cb);
         asm.mov(r8, __qword_ptr[rax + ControlBlock.FlushDescriptor]);
         asm.test(r8, r8);
         asm.jz(done);
