@@ -83,7 +83,7 @@ public sealed partial class OptpolineEngine : IDisposable
 
         Scheduler = new SiteScheduler(this, patcher, Options.UnsafeSkipGracePeriod);
         patcher.AfterApply = Republish;
-        patcher.BeforeArm = RefuseIfJitDumpFailed;   // the patcher checks its own Trace (the text pokes)
+        patcher.BeforeArm = BeforeArm;   // the patcher checks its own Trace (the text pokes)
         Publish(_thunks.Block, "optpoline_thunks");
         _promotion = Options.Learning.Enabled ? PromotionMode.Learn : PromotionMode.Static;
         _epochInterval = Options.Learning.EpochInterval;
@@ -803,8 +803,20 @@ public sealed partial class OptpolineEngine : IDisposable
     }
 
     /// <summary>Before a batch: a jitdump that could not write refuses it (the patcher turns this into a <see cref="PatchRejectedException"/>).</summary>
-    private void RefuseIfJitDumpFailed()
+    /// <summary>Before every batch arms an int3: the patcher knows every code region (late traps are ours only there), and a failed jitdump refuses the batch.</summary>
+    private void BeforeArm()
     {
+        var regions = Code.Regions;
+        if (regions.Count != _registeredRegions)
+        {
+            foreach (var (start, size) in regions)
+            {
+                Scheduler.Patcher.AddCodeRegion(start, size);
+            }
+
+            _registeredRegions = regions.Count;
+        }
+
         if (_tracing?.Jit?.Failure is { } failure)
         {
             throw failure;
@@ -1083,6 +1095,9 @@ public sealed partial class OptpolineEngine : IDisposable
     }
 
     internal SiteScheduler Scheduler { get; }
+
+    /// <summary>Code regions the patcher has been told of (under its patch lock).</summary>
+    private int _registeredRegions;
 
     /// <summary>Restartable sequences for slot windows (null: not in use; sites then rely on thread flushes).</summary>
     internal RestartableSequences? Rseq => Scheduler.Patcher.RestartableSequences;

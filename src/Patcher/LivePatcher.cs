@@ -95,6 +95,14 @@ public sealed unsafe class LivePatcher
     /// </summary>
     public bool FlushDue => _runtime.RetiredBytes > RetiredBudgetBytes;
 
+    /// <summary>
+    /// Tells the trap handler where this patcher writes: once any region is known, a trap at an address
+    /// that no longer holds an int3 is taken as a late one of ours (and the instruction re-executed)
+    /// only inside a known region; anywhere else it goes to the previous SIGTRAP action, as a foreign
+    /// breakpoint its owner removed. Process-wide, append-only; the engine registers its code regions.
+    /// </summary>
+    public void AddCodeRegion(ulong start, ulong size) => _runtime.AddCodeRegion(start, size);
+
     /// <summary>Frees the retired trap tables if no trap handler is reading one now; returns whether they were freed.</summary>
     public bool ReclaimTables() => _runtime.ReclaimRetired();
 

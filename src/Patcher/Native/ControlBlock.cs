@@ -16,6 +16,9 @@ internal static class ControlBlock
     public const int PreviousTrapHandler = 16;
 
     /// <summary>Traps our handler redirected (u64, atomic).</summary>
+    /// <summary>Incremented after every store to <see cref="TrapTable"/>: a handler that finds no entry but an int3 looks again if it moved.</summary>
+    public const int TrapGeneration = 24;
+
     public const int TrapHits = 32;
 
     /// <summary>Traps passed on to the previous handler (u64, atomic).</summary>
@@ -35,6 +38,12 @@ internal static class ControlBlock
 
     /// <summary>Trap handlers between loading the trap table and their last read of it.</summary>
     public const int TrapReaders = 104;
+
+    /// <summary>The engine's code regions, <c>{count, (start, end)...}</c>: a late trap is ours only inside one (null: no filter).</summary>
+    public const int RegionTable = 112;
+
+    /// <summary>Test seam: 1 parks the next trap handler after its table load (it writes 2, then waits for 0).</summary>
+    public const int TestPark = 120;
 
     public const int Size = 128;
 

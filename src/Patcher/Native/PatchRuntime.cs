@@ -17,6 +17,7 @@ internal sealed unsafe class PatchRuntime
     private readonly byte* _cb;
     private readonly List<(nint Table, long Bytes)> _retired = [];
     private readonly List<(nint Table, long Bytes)> _staleDescriptors = [];
+    private readonly Lock _regionLock = new();
     private long _retiredBytes;
 
     private PatchRuntime(int flushSignal)
@@ -123,8 +124,51 @@ internal sealed unsafe class PatchRuntime
         }
     }
 
-    /// <summary>Publishes a trap table (or 0); the handlers see it after this release store.</summary>
-    public void PublishTrapTable(nint table) => Volatile.Write(ref *(nint*)(_cb + ControlBlock.TrapTable), table);
+    /// <summary>
+    /// Publishes a trap table (or 0), then moves the generation: a handler that read the generation
+    /// before an older table and then finds an int3 of this batch sees it changed (x86 keeps the
+    /// order of these stores, and of the int3 written after them).
+    /// </summary>
+    public void PublishTrapTable(nint table)
+    {
+        Volatile.Write(ref *(nint*)(_cb + ControlBlock.TrapTable), table);
+        Interlocked.Increment(ref *(long*)(_cb + ControlBlock.TrapGeneration));
+    }
+
+    /// <summary>
+    /// Adds a code region the patcher writes in: a trap at an address no longer holding int3 is taken
+    /// as a late one of ours only inside a registered region (when any is registered). Append-only.
+    /// </summary>
+    public void AddCodeRegion(ulong start, ulong size)
+    {
+        lock (_regionLock)
+        {
+            var old = (ulong*)*(nint*)(_cb + ControlBlock.RegionTable);
+            var count = old == null ? 0UL : old[0];
+            for (var i = 0UL; i < count; i++)
+            {
+                if (old[1 + (2 * i)] == start)
+                {
+                    return;
+                }
+            }
+
+            // A new table each time (old ones stay: a handler may be reading one; regions are few).
+            var table = (ulong*)NativeMemory.AllocZeroed((nuint)(8 * (1 + (2 * (count + 1)))));
+            for (var i = 0UL; i < 2 * count; i++)
+            {
+                table[1 + i] = old[1 + i];
+            }
+
+            table[1 + (2 * count)] = start;
+            table[2 + (2 * count)] = start + size;
+            table[0] = count + 1;
+            Volatile.Write(ref *(nint*)(_cb + ControlBlock.RegionTable), (nint)table);
+        }
+    }
+
+    /// <summary>Test seam: parks the next trap handler after it loaded the table pointer (see <see cref="ControlBlock.TestPark"/>).</summary>
+    internal ref long TestPark => ref *(long*)(_cb + ControlBlock.TestPark);
 
     public void PublishFlushDescriptor(nint descriptor) => Volatile.Write(ref *(nint*)(_cb + ControlBlock.FlushDescriptor), descriptor);
 
