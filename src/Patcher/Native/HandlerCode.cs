@@ -153,11 +153,22 @@ internal static class HandlerCode
 
         // A reader of the trap table from here to the end of the search: a retired table is freed only
         // when no reader is counted after it was unpublished (PatchRuntime.ReclaimRetired).
+        // The generation is read before the table (kept in the red zone below rsp: this is a leaf until
+        // it chains), so a batch that publishes a table and arms an int3 after this load is noticed.
+        var retry = asm.CreateLabel();
+        var parked = asm.CreateLabel();
+        var searchStart = asm.CreateLabel();
         asm.Label(ref notRestarted);
         asm.dec(r9);
+        asm.Label(ref retry);
         asm.mov(rax, cb);
+        asm.mov(r10, __qword_ptr[rax + ControlBlock.TrapGeneration]);
+        asm.mov(__qword_ptr[rsp - 8], r10);
         asm.@lock.inc(__qword_ptr[rax + ControlBlock.TrapReaders]);
         asm.mov(r8, __qword_ptr[rax + ControlBlock.TrapTable]);
+        asm.cmp(__qword_ptr[rax + ControlBlock.TestPark], 0);
+        asm.jne(parked);
+        asm.Label(ref searchStart);
         asm.test(r8, r8);
         asm.jz(stale);
         asm.xor(ecx, ecx);
@@ -186,12 +197,60 @@ internal static class HandlerCode
         asm.Label(ref stale);
         asm.mov(rax, cb);
         asm.@lock.dec(__qword_ptr[rax + ControlBlock.TrapReaders]);
+        var late = asm.CreateLabel();
         asm.cmp(__byte_ptr[r9], 0xCC);
+        asm.jne(late);
+
+        // Still int3 and not in the table we read: if a batch published a table since, its int3 may be
+        // this one (finding F5); look again. Otherwise the int3 is someone else's.
+        asm.mov(r10, __qword_ptr[rax + ControlBlock.TrapGeneration]);
+        asm.cmp(r10, __qword_ptr[rsp - 8]);
+        asm.jne(retry);
+        asm.jmp(chain);
+
+        // No longer int3: a late trap of ours, if it is one we can have armed (finding F11): inside an
+        // engine code region (when the engine registered any), and not the `03` of a two-byte `int $3`
+        // (CD 03), which reports the same si_code. Then the restored instruction runs again.
+        asm.Label(ref late);
+        var inRegion = asm.CreateLabel();
+        var regionLoop = asm.CreateLabel();
+        var notCd03 = asm.CreateLabel();
+        asm.mov(r8, __qword_ptr[rax + ControlBlock.RegionTable]);
+        asm.test(r8, r8);
+        asm.jz(inRegion);
+        asm.mov(rcx, __qword_ptr[r8]);
+        asm.Label(ref regionLoop);
+        asm.test(rcx, rcx);
+        asm.jz(chain);
+        asm.dec(rcx);
+        asm.mov(r10, rcx);
+        asm.shl(r10, 4);
+        asm.cmp(r9, __qword_ptr[r8 + r10 + 8]);
+        asm.jb(regionLoop);
+        asm.cmp(r9, __qword_ptr[r8 + r10 + 16]);
+        asm.jae(regionLoop);
+        asm.Label(ref inRegion);
+        asm.cmp(__byte_ptr[r9], 0x03);
+        asm.jne(notCd03);
+        asm.mov(r10, r9);
+        asm.and(r10d, 0xFFF);
+        asm.jz(notCd03);   // the previous byte is in another page: not read
+        asm.cmp(__byte_ptr[r9 - 1], 0xCD);
         asm.je(chain);
+        asm.Label(ref notCd03);
         asm.mov(__qword_ptr[rdx + UcRip], r9);
-        asm.mov(rax, cb);
         asm.@lock.inc(__qword_ptr[rax + ControlBlock.StaleTraps]);
         asm.ret();
+
+        // Test seam: wait here, the table pointer loaded, until the test lets go.
+        asm.Label(ref parked);
+        var parkSpin = asm.CreateLabel();
+        asm.mov(__qword_ptr[rax + ControlBlock.TestPark], 2);
+        asm.Label(ref parkSpin);
+        asm.pause();
+        asm.cmp(__qword_ptr[rax + ControlBlock.TestPark], 0);
+        asm.jne(parkSpin);
+        asm.jmp(searchStart);
 
         // Found: the entry's fields are read into registers before the table is let go.
         asm.Label(ref found);
