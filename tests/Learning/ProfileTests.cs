@@ -221,7 +221,7 @@ public sealed unsafe class ProfileTests
         {
             siteName ??= j => $"site{j}";
             Engine = new OptpolineEngine(new EngineOptions { Learning = new LearningOptions { Enabled = true, Background = false } });
-            Targets = [.. Enumerable.Range(0, 4).Select(i => CheckingTarget.Emit(Engine, Register.RAX, $"target{i}"))];
+            Targets = [.. Enumerable.Range(0, 4).Select(i => CheckingTarget.EmitTicketed(Engine, Register.RAX, $"target{i}"))];
             var sites = new List<InlineSite>();
             _loop = SiteLoop.Emit(Engine, SiteCount, TableLength, _ => Register.RAX, (asm, j) =>
             {

@@ -90,8 +90,10 @@ internal sealed class SiteScheduler : IDisposable
         }
 
         var tasks = new List<Task>();
+        bool retired;
         lock (SyncRoot)
         {
+            var retiredBefore = _retired.Count;
             ObjectDisposedException.ThrowIf(_stopping, _engine);
             var created = new List<OutlineChain>();
             var plan = new Plan();
@@ -163,9 +165,13 @@ internal sealed class SiteScheduler : IDisposable
 
                 site.Desired = desired;
             }
+
+            retired = _retired.Count > retiredBefore;
         }
 
-        if (tasks.Count > 0 || Patcher.FlushDue)
+        // Retired chains wait for a grace period too: with restartable windows it is one fence, so the
+        // worker runs at once and their slots are reused soon (the arena stays small).
+        if (tasks.Count > 0 || Patcher.FlushDue || (retired && Patcher.RestartableSequences is not null))
         {
             _wake.Set();
         }
