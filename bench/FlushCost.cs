@@ -4,8 +4,9 @@ using Optpoline.Patcher;
 namespace Optpoline.Bench;
 
 /// <summary>
-/// A thread flush (the grace period) against the number of other threads in the process, idle
-/// (blocked) or busy (runnable and spinning: more of them than cores makes scheduler latency show).
+/// The two grace periods against the number of other threads in the process, idle (blocked) or busy
+/// (runnable and spinning: more of them than cores makes scheduler latency show): a thread flush (the
+/// fallback) and an rseq fence (restartable windows, the default where the process supports it).
 /// </summary>
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "BenchmarkDotNet owns the lifetime: [GlobalCleanup] disposes the event.")]
 public class FlushCost
@@ -59,4 +60,8 @@ public class FlushCost
     /// <summary>A thread flush with no ranges: signal every thread, wait for every acknowledgement.</summary>
     [Benchmark]
     public bool Flush() => _patcher.Flush([]);
+
+    /// <summary>An rseq fence: <c>membarrier(PRIVATE_EXPEDITED_RSEQ)</c>, whatever the threads do.</summary>
+    [Benchmark]
+    public void Fence() => _patcher.RestartWindows();
 }

@@ -151,6 +151,7 @@ public sealed unsafe class StressWorkload : IDisposable
             Host = host?.ToString(),
             CodeBytes = (codeBefore, _engine.Code.LiveBytes),
             NewDescriptors = (_engine.Rseq?.Descriptors ?? 0) - descriptorsBefore,
+            ChainSlots = (_engine.Scheduler.Arena?.SlotsInUse ?? 0, _sites.Count(s => s.Chain is not null)),
             Fences = stats.Fences,
             RseqRestarts = stats.RseqRestarts,
         };
@@ -182,6 +183,9 @@ public readonly record struct StressResult(
     /// <summary>Live code memory when the run started and when it ended (retired chains freed): what a leak would grow.</summary>
     public (long Before, long After) CodeBytes { get; init; }
 
+    /// <summary>Chain arena slots in use at the end, against the sites that link a chain: equal when every retired chain came back.</summary>
+    public (long InUse, int Linked) ChainSlots { get; init; }
+
     /// <summary>rseq descriptors created during the run (one per new chain arena block; never freed).</summary>
     public long NewDescriptors { get; init; }
 
@@ -195,5 +199,5 @@ public readonly record struct StressResult(
         $"{CallerThreads} caller threads, {Sites} sites, {Calls:N0} calls, {WrongCalls} wrong, {Requests:N0} requests, {Patches:N0} patches, " +
         $"{GracePeriods:N0} grace periods ({Fences:N0} fences), {RolledBack} rolled back, {TrapHits:N0} trapped calls, {StaleTraps:N0} late traps, " +
         $"{RseqRestarts:N0} restarted traps, in {Elapsed.TotalSeconds:F1} s; code memory {CodeBytes.Before:N0} -> {CodeBytes.After:N0} bytes, " +
-        $"{NewDescriptors} new rseq descriptors{(Host is null ? "" : $"; host: {Host}")}";
+        $"{NewDescriptors} new rseq descriptors, chain slots in use {ChainSlots.InUse} for {ChainSlots.Linked} linked chains{(Host is null ? "" : $"; host: {Host}")}";
 }

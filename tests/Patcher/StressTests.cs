@@ -37,6 +37,7 @@ public sealed class StressTests
         Assert.That(result.RolledBack, Is.Zero, "no grace period waits for a thread (none times out)");
         Assert.That(result.Patches, Is.GreaterThan(10_000));
         Assert.That(result.Host, Does.Not.StartWith("0 host signals"));
+        Assert.That(result.ChainSlots.InUse, Is.EqualTo(result.ChainSlots.Linked), "every retired chain's slot came back to the arena");
         Assert.That(engine.AuditCode(), Is.Empty);
     }
 

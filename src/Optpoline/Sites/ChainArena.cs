@@ -37,6 +37,18 @@ internal sealed class ChainArena(CodeMemory memory, RestartableSequences rseq, F
     /// <summary>Arena blocks made so far (each 16 KiB and one descriptor, for the life of the engine).</summary>
     public long Blocks => Interlocked.Read(ref _blocks);
 
+    /// <summary>Slots taken and not given back: live chains, and retired ones waiting for their grace period.</summary>
+    public long SlotsInUse
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return (Blocks * SlotsPerBlock) - _free.Values.Sum(f => f.Count);
+            }
+        }
+    }
+
     /// <summary>The rseq registration the chains arm.</summary>
     public RestartableSequences Rseq => rseq;
 

@@ -60,6 +60,9 @@ internal sealed class SiteScheduler : IDisposable
 
     public long GraceTimeouts => Interlocked.Read(ref _graceTimeouts);
 
+    /// <summary>The chain arena (restartable windows), or null.</summary>
+    internal ChainArena? Arena => _arena;
+
     /// <summary>Outline chains retired and not yet freed (each waits for a grace period).</summary>
     internal int RetiredChainCount
     {
@@ -167,11 +170,16 @@ internal sealed class SiteScheduler : IDisposable
             }
 
             retired = _retired.Count > retiredBefore;
+            if (retired && _arena is not null)
+            {
+                // Restartable chains: the fence that proves no thread is (or will resume) in the chains
+                // retired so far costs microseconds, so it runs now and their slots are reused at once,
+                // instead of piling up until the worker's next grace period.
+                FreeRetiredChains();
+            }
         }
 
-        // Retired chains wait for a grace period too: with restartable windows it is one fence, so the
-        // worker runs at once and their slots are reused soon (the arena stays small).
-        if (tasks.Count > 0 || Patcher.FlushDue || (retired && Patcher.RestartableSequences is not null))
+        if (tasks.Count > 0 || Patcher.FlushDue)
         {
             _wake.Set();
         }
@@ -609,6 +617,26 @@ internal sealed class SiteScheduler : IDisposable
                     "(a thread blocks the flush signal or is stopped); the site was rolled back to its previous targets.")
                 : new PatchRejectedException($"Site '{site.Name}': the grace period failed ({failure.Message}); the site was rolled back to its previous targets.", failure));
         }
+    }
+
+    /// <summary>Fences, then frees every retired chain: each was unlinked (and its batch synced) before the fence.</summary>
+    private void FreeRetiredChains()
+    {
+        try
+        {
+            Patcher.RestartWindows();
+        }
+        catch (InvalidOperationException)
+        {
+            return;   // they wait for the worker's next grace period
+        }
+
+        foreach (var retired in _retired)
+        {
+            Free(retired.Chain, linked: true);
+        }
+
+        _retired.Clear();
     }
 
     /// <summary>A chain no thread can be inside of any more (or never linked) goes back to its arena or allocator.</summary>
