@@ -24,7 +24,7 @@ public sealed unsafe class LearningWorkload : IDisposable
     public LearningWorkload(OptpolineEngine engine, int siteCount, int targetCount = 300, int inlineSlots = 2, bool outline = false)
     {
         ArgumentNullException.ThrowIfNull(engine);
-        Targets = [.. Enumerable.Range(0, targetCount).Select(_ => CheckingTarget.EmitTicketed(engine, Register.RAX))];
+        Targets = [.. Enumerable.Range(0, targetCount).Select(_ => CheckingTarget.Emit(engine, Register.RAX))];
         _tables = (ulong*)NativeMemory.AlignedAlloc((nuint)(siteCount * TableLength * 8), 64);
         var sites = new List<Site>(siteCount);
         _loop = SiteLoop.Emit(engine, siteCount, TableLength, _ => Register.RAX, (asm, j) =>
@@ -40,7 +40,7 @@ public sealed unsafe class LearningWorkload : IDisposable
             var site = engine.CreateInlineSite(Register.RAX, inlineSlots, $"learn{j}");
             site.Emit(asm);
             sites.Add(site);
-        });
+        }, ticketed: false);
         Sites = sites;
     }
 

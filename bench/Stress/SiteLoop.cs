@@ -19,7 +19,7 @@ internal static unsafe class SiteLoop
     /// <param name="registerOf">The register site j dispatches on.</param>
     /// <param name="emitSite">Emits site j (its target is in <paramref name="registerOf"/>(j)).</param>
     public static delegate* unmanaged<ulong, ulong*, ulong*, void> Emit(
-        OptpolineEngine engine, int siteCount, int tableLength, Func<int, Register> registerOf, Action<Assembler, int> emitSite)
+        OptpolineEngine engine, int siteCount, int tableLength, Func<int, Register> registerOf, Action<Assembler, int> emitSite, bool ticketed = true)
     {
         var asm = new Assembler(64);
         var top = asm.CreateLabel();
@@ -40,6 +40,16 @@ internal static unsafe class SiteLoop
         asm.and(ebx, tableLength - 1);
         for (var j = 0; j < siteCount; j++)
         {
+            if (!ticketed)
+            {
+                // The lighter loop (the learning workloads, which time convergence): RAX, the verdict of
+                // a CheckingTarget.Emit target, is added as it is.
+                asm.mov(new AssemblerRegister64(registerOf(j)), __qword_ptr[r12 + (rbx * 8) + (j * tableLength * 8)]);
+                emitSite(asm, j);
+                asm.add(r15, rax);
+                continue;
+            }
+
             // The target consumes the ticket and overwrites eax with its verdict; a site that calls
             // nothing leaves both (eax 1, or the target's address in rax for rax sites).
             asm.mov(__qword_ptr[rsp], 1);

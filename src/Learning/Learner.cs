@@ -103,6 +103,13 @@ public sealed class Learner
     public bool IsMegamorphic(int site) =>
         _sites.TryGetValue(site, out var s) && s.Mode == Mode.Backoff && s.Promoted.Length == 0;
 
+    /// <summary>
+    /// Whether a megamorphic site's back-off has run out and the policy is deciding it again: it needs
+    /// samples now (a site that sends none keeps its old, decaying evidence and cannot leave back-off).
+    /// </summary>
+    public bool IsDeciding(int site) =>
+        _sites.TryGetValue(site, out var s) && s.Mode == Mode.Backoff && Epoch >= s.BackoffUntil;
+
     /// <summary>Where a site stands, for statistics.</summary>
     public SiteLearningState? GetState(int site) =>
         _sites.TryGetValue(site, out var s)

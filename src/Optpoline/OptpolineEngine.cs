@@ -1062,8 +1062,10 @@ public sealed partial class OptpolineEngine : IDisposable
                     updates.Add(new SiteUpdate(site, []));   // the learner has not called it megamorphic again
                 }
             }
-            else if (!direct || (sampling && epoch >= site.DirectUntil + 1))
+            else if (!direct || (sampling && epoch >= site.DirectUntil + 1 && !_learner.IsDeciding(site.LearningId)))
             {
+                // (A sampling site whose back-off ran out keeps sampling until the policy has decided:
+                // going direct again would starve it of the samples it is deciding on.)
                 site.DirectSpan = Math.Clamp(site.DirectSpan * 2, 4, 16);
                 site.DirectUntil = epoch + site.DirectSpan;
                 updates.Add(new SiteUpdate(site, []) { DirectCall = site.Fallback });

@@ -37,6 +37,11 @@ public sealed unsafe class LivePatcher
     private long _flushTimeouts;
     private long _flushedThreads;
     private long _fences;
+    private long _blockedTrapRefusals;
+    private long _lastCleanTrapScan;
+
+    /// <summary>How long a scan that found no thread blocking SIGTRAP stands for later batches.</summary>
+    private static readonly TimeSpan TrapScanReuse = TimeSpan.FromMilliseconds(10);
 
     /// <summary>Creates a patcher; the first one in the process installs the signal handlers and runs their self-test.</summary>
     /// <exception cref="ArgumentOutOfRangeException">An option is out of range.</exception>
@@ -62,7 +67,7 @@ public sealed unsafe class LivePatcher
         Interlocked.Read(ref _flushes), Interlocked.Read(ref _flushTimeouts), Interlocked.Read(ref _flushedThreads),
         _runtime.TrapHits, _runtime.ForeignTraps, _runtime.StaleTraps,
         Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _batchTicks)), Stopwatch.GetElapsedTime(0, Interlocked.Read(ref _recordTicks)),
-        Interlocked.Read(ref _fences), _runtime.RseqRestarts);
+        Interlocked.Read(ref _fences), _runtime.RseqRestarts, Interlocked.Read(ref _blockedTrapRefusals));
 
     /// <summary>
     /// Restartable sequences for slot windows, or null: turned off in <see cref="PatcherOptions"/>, or
@@ -197,6 +202,16 @@ public sealed unsafe class LivePatcher
             catch (IOException failure)
             {
                 throw new PatchRejectedException($"The trace could not record earlier changes, so this batch was not applied: {failure.Message}", failure);
+            }
+
+            // An armed int3 kills a thread that blocks SIGTRAP (finding F8): no int3 while one exists.
+            if (Options.BlockedTraps == BlockedTrapPolicy.Refuse && ThreadsBlockingTraps() is { Count: > 0 } blocking)
+            {
+                Interlocked.Increment(ref _blockedTrapRefusals);
+                throw new PatchRejectedException(
+                    $"Thread(s) {string.Join(", ", blocking)} of this process block SIGTRAP, so this batch was not applied: a thread that " +
+                    "blocks SIGTRAP and reaches an armed int3 is killed by the kernel. Unblock SIGTRAP in threads that run generated code, " +
+                    "or set PatcherOptions.BlockedTraps = Ignore if those threads never run it.");
             }
 
             // The records are encoded now and only stamped with their time in the int3 window, which
@@ -390,6 +405,37 @@ public sealed unsafe class LivePatcher
 
             return completed;
         }
+    }
+
+    /// <summary>
+    /// Threads that block SIGTRAP in their own mask. A thread inside a signal handler (our trap handler,
+    /// for a late trap of an earlier batch) blocks it only for that handler's microseconds: a thread is
+    /// counted only if it still blocks SIGTRAP after a few looks 50 µs apart.
+    /// </summary>
+    private List<int> ThreadsBlockingTraps()
+    {
+        // A scan reads every thread's status (about 10 µs each): batches in quick succession share one
+        // clean scan for up to 10 ms (a thread that starts blocking SIGTRAP within that time is not seen).
+        var now = Stopwatch.GetTimestamp();
+        if (Stopwatch.GetElapsedTime(_lastCleanTrapScan, now) < TrapScanReuse)
+        {
+            return [];
+        }
+
+        var blocking = PatcherOs.ThreadsBlocking(PatcherOs.SigTrapNumber);
+        for (var look = 0; look < 4 && blocking.Count > 0; look++)
+        {
+            PatcherOs.SleepMicroseconds(50);
+            var again = PatcherOs.ThreadsBlocking(PatcherOs.SigTrapNumber);
+            blocking.RemoveAll(tid => !again.Contains(tid));
+        }
+
+        if (blocking.Count == 0)
+        {
+            _lastCleanTrapScan = Stopwatch.GetTimestamp();
+        }
+
+        return blocking;
     }
 
     private (int Result, int Errno) SendFlushSignal(int pid, int tid)

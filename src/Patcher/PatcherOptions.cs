@@ -34,6 +34,20 @@ public sealed class PatcherOptions
     /// </summary>
     public bool UseRestartableSequences { get; init; } = true;
 
+    /// <summary>
+    /// What a batch does when a thread of the process blocks SIGTRAP (a server worker's
+    /// <c>sigfillset</c> + <c>pthread_sigmask</c>): if such a thread reached an armed int3, the kernel would
+    /// force SIGTRAP's default action and kill the process. <see cref="BlockedTrapPolicy.Refuse"/> (the
+    /// default) refuses the batch with a <see cref="PatchRejectedException"/> that names the threads, and
+    /// counts it (<see cref="PatcherStatistics.BlockedTrapRefusals"/>); <see cref="BlockedTrapPolicy.Ignore"/>
+    /// is for hosts whose signal-blocking threads never run patched code. A batch checks every thread of
+    /// the process first (<c>/proc/self/task/*/status</c>; a check that found none stands for 10 ms of
+    /// batches, and a thread seen blocking is looked at again a few times 50 µs apart, since glibc blocks
+    /// every signal for a moment while it creates a thread). A thread that starts blocking SIGTRAP after
+    /// the check is not seen: the detection narrows the hazard, it does not close it.
+    /// </summary>
+    public BlockedTrapPolicy BlockedTraps { get; init; } = BlockedTrapPolicy.Refuse;
+
     internal int ResolveFlushSignal()
     {
         var min = Platform.PatcherOs.SigRtMin();
@@ -51,4 +65,14 @@ public sealed class PatcherOptions
 
         return signal;
     }
+}
+
+/// <summary>What a patch batch does while a thread blocks SIGTRAP (see <see cref="PatcherOptions.BlockedTraps"/>).</summary>
+public enum BlockedTrapPolicy
+{
+    /// <summary>Refuse the batch: nothing is written, the request fails with a message naming the threads.</summary>
+    Refuse,
+
+    /// <summary>Patch anyway: the host guarantees that no thread blocking SIGTRAP runs patched code.</summary>
+    Ignore,
 }

@@ -13,7 +13,8 @@ namespace Optpoline.Patcher;
 /// <param name="BatchTime">Wall time spent applying batches, recording included.</param>
 /// <param name="Fences">rseq fences run (grace periods of restartable windows).</param>
 /// <param name="RseqRestarts">Traps inside a restartable window that the kernel had already restarted (the handler left them alone), process-wide.</param>
+/// <param name="BlockedTrapRefusals">Batches refused because a thread blocked SIGTRAP (<see cref="PatcherOptions.BlockedTraps"/>).</param>
 /// <param name="RecordTime">Of that, the time spent recording them (text pokes before the last step, and the after-batch hook: jitdump reloads).</param>
 public readonly record struct PatcherStatistics(
     long Batches, long Patches, long CoreSyncs, long Flushes, long FlushTimeouts, long FlushedThreads, long TrapHits, long ForeignTraps, long StaleTraps,
-    TimeSpan BatchTime, TimeSpan RecordTime, long Fences = 0, long RseqRestarts = 0);
+    TimeSpan BatchTime, TimeSpan RecordTime, long Fences = 0, long RseqRestarts = 0, long BlockedTrapRefusals = 0);

@@ -160,7 +160,8 @@ public sealed class BatchTests
     {
         // Review finding F13 for slots: with restartable windows, a slot's grace period is an rseq fence,
         // which needs no signal; the thread flush used to time out on such a thread and roll back.
-        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100) } });
+        // The blocker runs no site (BlockedTraps = Ignore: it blocks SIGTRAP too).
+        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100), BlockedTraps = BlockedTrapPolicy.Ignore } });
         Assert.That(engine.Rseq, Is.Not.Null, engine.Scheduler.Patcher.RestartableSequencesUnavailable);
         var targets = ChecksumCode.EmitTargets(engine, 4);
         var site = engine.CreateInlineSite(Register.RCX, 1);
@@ -249,6 +250,54 @@ public sealed class BatchTests
         }
 
         Assert.That(engine.AuditCode(), Is.Empty);
+    }
+
+    [Test]
+    public void A_batch_is_refused_while_a_thread_blocks_SIGTRAP()
+    {
+        // Review finding F8: a thread that blocks SIGTRAP and reaches an armed int3 is killed with the
+        // process. No int3 is armed while such a thread exists; the request says why.
+        using var engine = new OptpolineEngine();
+        var targets = ChecksumCode.EmitTargets(engine, 2);
+        var site = engine.CreateInlineSite(Register.RCX, 1);
+        var driver = ChecksumCode.EmitDriver(engine, Register.RCX, site);
+        site.Promote([targets[0]]);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var none = Optpoline.Patcher.Platform.PatcherOs.ThreadsBlocking(5);
+        TestContext.Out.WriteLine($"scan of {Optpoline.Patcher.Platform.PatcherOs.ThreadIds().Count} threads: {clock.Elapsed.TotalMicroseconds:F0} us");
+        Assert.That(none, Is.Empty);
+        using var blocked = new ManualResetEventSlim();
+        using var release = new ManualResetEventSlim();
+        var tid = 0;
+        var blocker = new Thread(() =>
+        {
+            tid = HostSignal.Gettid();
+            NativeThreads.Block(5);
+            blocked.Set();
+            release.Wait();
+            NativeThreads.Unblock(5);
+        });
+        blocker.Start();
+        blocked.Wait();
+        Thread.Sleep(20);   // the last clean scan (the promotion above) stands for 10 ms of batches
+        try
+        {
+            var refusals = engine.PatchStatistics.BlockedTrapRefusals;
+            var bytes = SiteBytes(engine, site);
+            Assert.That(() => site.Promote([targets[1]]), Throws.InstanceOf<PatchRejectedException>().With.Message.Contains($"{tid}").And.Message.Contains("block SIGTRAP"));
+            Assert.That(engine.PatchStatistics.BlockedTrapRefusals - refusals, Is.GreaterThanOrEqualTo(1));
+            Assert.That(SiteBytes(engine, site), Is.EqualTo(bytes), "nothing was written");
+        }
+        finally
+        {
+            release.Set();
+            blocker.Join();
+        }
+
+        site.Promote([targets[1]]);
+        Assert.That(site.Targets, Is.EqualTo(new[] { targets[1] }));
+        var (actual, expected) = ChecksumCode.Run(driver, Register.RCX, 1, targets[1], new Random(1));
+        Assert.That(actual, Is.EqualTo(expected));
     }
 
     private static byte[] SiteBytes(OptpolineEngine engine, InlineSite site)

@@ -130,4 +130,38 @@ internal static unsafe partial class PatcherOs
     }
 
     public static bool ThreadExists(int tid) => Directory.Exists($"/proc/self/task/{tid}");
+
+    /// <summary>
+    /// Threads of this process whose signal mask blocks <paramref name="signal"/> now (<c>SigBlk</c> in
+    /// <c>/proc/self/task/TID/status</c>). A thread that exits meanwhile is skipped.
+    /// </summary>
+    public static List<int> ThreadsBlocking(int signal)
+    {
+        var bit = 1UL << (signal - 1);
+        var found = new List<int>();
+        foreach (var tid in ThreadIds())
+        {
+            try
+            {
+                foreach (var line in File.ReadLines($"/proc/self/task/{tid}/status"))
+                {
+                    if (line.StartsWith("SigBlk:", StringComparison.Ordinal))
+                    {
+                        if ((ulong.Parse(line.AsSpan(7).Trim(), System.Globalization.NumberStyles.HexNumber, System.Globalization.CultureInfo.InvariantCulture) & bit) != 0)
+                        {
+                            found.Add(tid);
+                        }
+
+                        break;
+                    }
+                }
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // The thread exited while we looked.
+            }
+        }
+
+        return found;
+    }
 }
