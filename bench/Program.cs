@@ -203,12 +203,7 @@ public static class Program
         var window = Option("--window", 0);
         var hostile = args.Contains("--hostile") ? HostileOptions.All : null;
         var sigpending = Option("--sigpending", -1);
-        // The hostile host's signal-blocking worker runs no site: batches go on while it exists.
-        using var engine = new OptpolineEngine(new EngineOptions
-        {
-            SlotWindowPauses = window,
-            Patching = new Optpoline.Patcher.PatcherOptions { BlockedTraps = hostile is null ? Optpoline.Patcher.BlockedTrapPolicy.Refuse : Optpoline.Patcher.BlockedTrapPolicy.Ignore },
-        });
+        using var engine = new OptpolineEngine(new EngineOptions { SlotWindowPauses = window });
         using var workload = new StressWorkload(engine, sites);
         var grace = engine.Scheduler.Patcher.RestartableSequencesUnavailable is { } why ? $"thread flushes ({why})" : "restartable windows";
         Console.WriteLine($"stress: {threads} caller threads, {sites} sites, up to {seconds} s or {patches:N0} patches, window {window} pauses, grace periods by {grace}" +

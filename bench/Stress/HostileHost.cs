@@ -84,7 +84,9 @@ public sealed unsafe partial class HostileHost : IDisposable
         _threads.ForEach(t => t.Join());
         if (_options.HostSignals)
         {
-            _ = Sigaction(_signal, _previous, null);
+            // Signals still queued would meet the previous action (the default one terminates the
+            // process): ignoring the signal first discards them, then the previous action comes back.
+            IgnoreThenRestore(_signal, _previous);
         }
 
         NativeMemory.Free(_previous);
@@ -165,6 +167,16 @@ public sealed unsafe partial class HostileHost : IDisposable
         {
             Thread.Sleep(10);
         }
+    }
+
+    /// <summary>Sets <paramref name="signal"/> to SIG_IGN (which discards its queued instances), then back to <paramref name="previous"/>.</summary>
+    public static void IgnoreThenRestore(int signal, byte* previous)
+    {
+        var ignore = stackalloc byte[SigactionSize];
+        new Span<byte>(ignore, SigactionSize).Clear();
+        *(ulong*)ignore = 1;   // SIG_IGN
+        _ = Sigaction(signal, ignore, null);
+        _ = Sigaction(signal, previous, null);
     }
 
     /// <summary>

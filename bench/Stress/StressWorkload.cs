@@ -117,29 +117,36 @@ public sealed unsafe class StressWorkload : IDisposable
         var requests = 0L;
         var rolledBack = 0L;
         Task last = Task.CompletedTask;
-        while (clock.Elapsed < duration && Volatile.Read(ref stop) == 0 && _engine.PatchStatistics.Patches - patchesBefore < patchLimit)
+        try
         {
-            // Mostly single-site requests, sometimes a batch over many sites.
-            var batch = random.Next(8) == 0 ? random.Next(2, Math.Max(3, _sites.Length)) : 1;
-            var updates = new List<SiteUpdate>();
-            foreach (var site in _sites.OrderBy(_ => random.Next()).Take(batch))
+            while (clock.Elapsed < duration && Volatile.Read(ref stop) == 0 && _engine.PatchStatistics.Patches - patchesBefore < patchLimit)
             {
-                var pool = _targets[site.Register];
-                var count = random.Next(4) == 0 ? 0 : random.Next(1, site.MaxTargets + 1);
-                updates.Add(new SiteUpdate(site, [.. pool.OrderBy(_ => random.Next()).Take(count)]));
-            }
+                // Mostly single-site requests, sometimes a batch over many sites.
+                var batch = random.Next(8) == 0 ? random.Next(2, Math.Max(3, _sites.Length)) : 1;
+                var updates = new List<SiteUpdate>();
+                foreach (var site in _sites.OrderBy(_ => random.Next()).Take(batch))
+                {
+                    var pool = _targets[site.Register];
+                    var count = random.Next(4) == 0 ? 0 : random.Next(1, site.MaxTargets + 1);
+                    updates.Add(new SiteUpdate(site, [.. pool.OrderBy(_ => random.Next()).Take(count)]));
+                }
 
-            last = _engine.PromoteAsync(updates);
-            requests++;
-            if (random.Next(64) == 0)
-            {
-                // Let a grace period through now and then, so promotions into reused slots land too.
-                rolledBack += Settle(last);
+                last = _engine.PromoteAsync(updates);
+                requests++;
+                if (random.Next(64) == 0)
+                {
+                    // Let a grace period through now and then, so promotions into reused slots land too.
+                    rolledBack += Settle(last);
+                }
             }
         }
+        finally
+        {
+            // Whatever a request threw, the callers leave the engine's code before the engine can go.
+            Volatile.Write(ref stop, 1);
+            callers.ForEach(t => t.Join());
+        }
 
-        Volatile.Write(ref stop, 1);
-        callers.ForEach(t => t.Join());
         rolledBack += Settle(last);
 
         // Retired chains go back once the grace worker has run once more.

@@ -37,16 +37,19 @@ public sealed class PatcherOptions
     /// <summary>
     /// What a batch does when a thread of the process blocks SIGTRAP (a server worker's
     /// <c>sigfillset</c> + <c>pthread_sigmask</c>): if such a thread reached an armed int3, the kernel would
-    /// force SIGTRAP's default action and kill the process. <see cref="BlockedTrapPolicy.Refuse"/> (the
-    /// default) refuses the batch with a <see cref="PatchRejectedException"/> that names the threads, and
-    /// counts it (<see cref="PatcherStatistics.BlockedTrapRefusals"/>); <see cref="BlockedTrapPolicy.Ignore"/>
-    /// is for hosts whose signal-blocking threads never run patched code. A batch checks every thread of
-    /// the process first (<c>/proc/self/task/*/status</c>; a check that found none stands for 10 ms of
-    /// batches, and a thread seen blocking is looked at again a few times 50 µs apart, since glibc blocks
-    /// every signal for a moment while it creates a thread). A thread that starts blocking SIGTRAP after
-    /// the check is not seen: the detection narrows the hazard, it does not close it.
+    /// force SIGTRAP's default action and kill the process. <see cref="BlockedTrapPolicy.Ignore"/> (the
+    /// default) patches anyway: the host contract is that threads that run generated code do not block
+    /// SIGTRAP. <see cref="BlockedTrapPolicy.Refuse"/> checks every thread first
+    /// (<c>/proc/self/task/*/status</c>; a check that found none stands for 10 ms of batches, and a thread
+    /// seen blocking is looked at again a few times 50 µs apart) and refuses the batch with a
+    /// <see cref="PatchRejectedException"/> that names the threads, counted in
+    /// <see cref="PatcherStatistics.BlockedTrapRefusals"/>. It is not the default because it cannot tell a
+    /// thread that blocks SIGTRAP from one that is inside a signal handler (ours, for a trap, or the
+    /// host's) or inside <c>pthread_create</c> (glibc blocks every signal there): under load such a
+    /// thread stays "blocking" for a scheduler slice and batches are refused that need not be. A thread
+    /// that starts blocking SIGTRAP after the check is not seen either.
     /// </summary>
-    public BlockedTrapPolicy BlockedTraps { get; init; } = BlockedTrapPolicy.Refuse;
+    public BlockedTrapPolicy BlockedTraps { get; init; }
 
     internal int ResolveFlushSignal()
     {
@@ -70,9 +73,9 @@ public sealed class PatcherOptions
 /// <summary>What a patch batch does while a thread blocks SIGTRAP (see <see cref="PatcherOptions.BlockedTraps"/>).</summary>
 public enum BlockedTrapPolicy
 {
+    /// <summary>Patch anyway: the host guarantees that no thread blocking SIGTRAP runs patched code (the default).</summary>
+    Ignore,
+
     /// <summary>Refuse the batch: nothing is written, the request fails with a message naming the threads.</summary>
     Refuse,
-
-    /// <summary>Patch anyway: the host guarantees that no thread blocking SIGTRAP runs patched code.</summary>
-    Ignore,
 }

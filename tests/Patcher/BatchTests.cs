@@ -160,8 +160,8 @@ public sealed class BatchTests
     {
         // Review finding F13 for slots: with restartable windows, a slot's grace period is an rseq fence,
         // which needs no signal; the thread flush used to time out on such a thread and roll back.
-        // The blocker runs no site (BlockedTraps = Ignore: it blocks SIGTRAP too).
-        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100), BlockedTraps = BlockedTrapPolicy.Ignore } });
+        // The blocker runs no site (it blocks SIGTRAP too, which the default BlockedTraps = Ignore allows).
+        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { FlushTimeout = TimeSpan.FromMilliseconds(100) } });
         Assert.That(engine.Rseq, Is.Not.Null, engine.Scheduler.Patcher.RestartableSequencesUnavailable);
         var targets = ChecksumCode.EmitTargets(engine, 4);
         var site = engine.CreateInlineSite(Register.RCX, 1);
@@ -256,8 +256,8 @@ public sealed class BatchTests
     public void A_batch_is_refused_while_a_thread_blocks_SIGTRAP()
     {
         // Review finding F8: a thread that blocks SIGTRAP and reaches an armed int3 is killed with the
-        // process. No int3 is armed while such a thread exists; the request says why.
-        using var engine = new OptpolineEngine();
+        // process. With BlockedTraps = Refuse, no int3 is armed while such a thread exists; the request says why.
+        using var engine = new OptpolineEngine(new EngineOptions { Patching = new PatcherOptions { BlockedTraps = BlockedTrapPolicy.Refuse } });
         var targets = ChecksumCode.EmitTargets(engine, 2);
         var site = engine.CreateInlineSite(Register.RCX, 1);
         var driver = ChecksumCode.EmitDriver(engine, Register.RCX, site);

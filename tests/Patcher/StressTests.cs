@@ -29,8 +29,8 @@ public sealed class StressTests
         // Short form of `bench -- stress --hostile`: profiler-like signals whose handler (empty mask)
         // keeps callers ~20 µs wherever they are, threads that start and exit all the time, and a
         // worker that blocks every signal, while the sites are repatched with a widened window.
-        // The worker that blocks every signal runs no site, so batches go on (BlockedTraps = Ignore).
-        using var engine = new OptpolineEngine(new EngineOptions { SlotWindowPauses = 24, Patching = new Optpoline.Patcher.PatcherOptions { BlockedTraps = Optpoline.Patcher.BlockedTrapPolicy.Ignore } });
+        // The worker that blocks every signal runs no site (the default BlockedTraps = Ignore).
+        using var engine = new OptpolineEngine(new EngineOptions { SlotWindowPauses = 24 });
         using var workload = new StressWorkload(engine, siteCount: 64);
         var result = workload.Run(callerThreads: 4, TimeSpan.FromSeconds(3), hostile: HostileOptions.All);
         TestContext.Out.WriteLine(result);

@@ -86,7 +86,9 @@ internal sealed unsafe partial class HostSignal : IDisposable
     public void Dispose()
     {
         Release();
-        _ = Sigaction(Signal, _previous, null);
+        // Instances still queued (sent while the thread was parked) are discarded, not delivered to the
+        // previous action, whose default terminates the process.
+        Optpoline.Stress.HostileHost.IgnoreThenRestore(Signal, _previous);
         NativeMemory.Free(_previous);
         // The state block stays: a handler still returning reads it.
     }
