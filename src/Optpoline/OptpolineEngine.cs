@@ -1070,8 +1070,10 @@ public sealed partial class OptpolineEngine : IDisposable
                 site.DirectUntil = epoch + site.DirectSpan;
                 updates.Add(new SiteUpdate(site, []) { DirectCall = site.Fallback });
             }
-            else if (!sampling && epoch >= site.DirectUntil)
+            else if (!sampling && (epoch >= site.DirectUntil || _learner.IsDeciding(site.LearningId)))
             {
+                // Sample when the direct span ends, or as soon as the policy's back-off has run out: it
+                // decides from samples, and a direct site sends none.
                 updates.Add(new SiteUpdate(site, []) { DirectCall = site.Tail });
             }
         }
