@@ -637,6 +637,13 @@ internal sealed class SiteScheduler : IDisposable
         }
 
         _retired.Clear();
+
+        // A waiting request may name one of them as its rollback point: it rolls back to what the site
+        // links now instead (as in Completed while suspended, finding F4).
+        foreach (var site in _pending)
+        {
+            site.Pending!.Restart(AppliedTargets(site), site.Chain, site.Pending.Epoch);
+        }
     }
 
     /// <summary>A chain no thread can be inside of any more (or never linked) goes back to its arena or allocator.</summary>
