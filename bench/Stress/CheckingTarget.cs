@@ -7,19 +7,7 @@ namespace Optpoline.Stress;
 public static class CheckingTarget
 {
     /// <summary>Emits a function that returns 0 when <paramref name="register"/> holds its own address, else 1 (published as <paramref name="name"/>, if given).</summary>
-    public static ulong Emit(OptpolineEngine engine, Register register, string? name = null)
-    {
-        ArgumentNullException.ThrowIfNull(engine);
-        var asm = new Assembler(64);
-        var self = asm.CreateLabel();
-        asm.Label(ref self);
-        asm.lea(r11, __[self]);
-        asm.cmp(new AssemblerRegister64(register), r11);
-        asm.setne(al);
-        asm.movzx(eax, al);
-        asm.ret();
-        return engine.Assemble(asm, name: name).Address;
-    }
+    public static ulong Emit(OptpolineEngine engine, Register register, string? name = null) => Emit(engine, register, name, ticketed: false);
 
     /// <summary>
     /// As <see cref="Emit"/>, and consumes the caller's ticket: decrements the qword just above its
@@ -28,7 +16,9 @@ public static class CheckingTarget
     /// to 1 before each site and counts a call as wrong unless it is 0 after: a skipped call or a
     /// duplicated one shows, on any register. Only for <see cref="SiteLoop"/> callers.
     /// </summary>
-    public static ulong EmitTicketed(OptpolineEngine engine, Register register, string? name = null)
+    public static ulong EmitTicketed(OptpolineEngine engine, Register register, string? name = null) => Emit(engine, register, name, ticketed: true);
+
+    private static ulong Emit(OptpolineEngine engine, Register register, string? name, bool ticketed)
     {
         ArgumentNullException.ThrowIfNull(engine);
         var asm = new Assembler(64);
@@ -38,7 +28,11 @@ public static class CheckingTarget
         asm.cmp(new AssemblerRegister64(register), r11);
         asm.setne(al);
         asm.movzx(eax, al);
-        asm.dec(__qword_ptr[rsp + 8]);
+        if (ticketed)
+        {
+            asm.dec(__qword_ptr[rsp + 8]);
+        }
+
         asm.ret();
         return engine.Assemble(asm, name: name).Address;
     }

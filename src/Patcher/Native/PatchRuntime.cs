@@ -332,45 +332,38 @@ internal sealed unsafe class PatchRuntime
 
         var test = Entries.Rseq!.Value;
         RestartableSequences.Describe(descriptor, test.Start, test.End, test.Abort);
+        var result = RunWithOneTrapEntry(test.Test, test.Trap, test.NotRestarted);
+        return result == 1 ? null : $"the rseq self-test failed: the kernel did not restart an armed sequence at a signal (result {result})";
+    }
+
+    /// <summary>Runs <c>int test()</c> on this thread while a one-entry trap table sends an int3 at <paramref name="trap"/> to <paramref name="redirect"/>.</summary>
+    private int RunWithOneTrapEntry(ulong test, ulong trap, ulong redirect)
+    {
         var table = (ulong*)NativeMemory.AlignedAlloc(8 + ControlBlock.TrapEntrySize, 64);
         table[0] = 1;
-        table[1] = test.Trap;
+        table[1] = trap;
         table[2] = 0;
-        table[3] = test.NotRestarted;
+        table[3] = redirect;
         table[4] = 0;
         int result;
         lock (PatchLock)
         {
             PublishTrapTable((nint)table);
-            result = ((delegate* unmanaged<int>)test.Test)();
+            result = ((delegate* unmanaged<int>)test)();
             PublishTrapTable(0);
         }
 
         Retire((nint)table, 8 + ControlBlock.TrapEntrySize);
-        return result == 1 ? null : $"the rseq self-test failed: the kernel did not restart an armed sequence at a signal (result {result})";
+        return result;
     }
 
     /// <summary>Executes an armed int3 and checks that the handler redirected it.</summary>
     private void SelfTest()
     {
-        var table = (ulong*)NativeMemory.AlignedAlloc(8 + ControlBlock.TrapEntrySize, 64);
-        table[0] = 1;
-        table[1] = Entries.SelfTestTrap;
-        table[2] = 0;
-        table[3] = Entries.SelfTestRedirect;
-        table[4] = 0;
-        lock (PatchLock)
+        if (RunWithOneTrapEntry(Entries.SelfTest, Entries.SelfTestTrap, Entries.SelfTestRedirect) != 1)
         {
-            PublishTrapTable((nint)table);
-            var redirected = ((delegate* unmanaged<int>)Entries.SelfTest)();
-            PublishTrapTable(0);
-            if (redirected != 1)
-            {
-                throw new InvalidOperationException("The SIGTRAP handler self-test failed: an armed int3 was not redirected.");
-            }
+            throw new InvalidOperationException("The SIGTRAP handler self-test failed: an armed int3 was not redirected.");
         }
-
-        Retire((nint)table, 8 + ControlBlock.TrapEntrySize);
     }
 
     private void SignalAllThreadsAndWait()
