@@ -62,14 +62,7 @@ public sealed unsafe class NestedSignalTests
         using var host = new HostSignal(engine, HostSignal.SigRtMin() + 10, (slot.Start + 1, slot.Call + 1),
             (site.Stub.Address, site.Stub.Address + (ulong)site.Stub.Size));
         *spinFlag = 1;
-        var tid = 0;
-        var caller = new Thread(() =>
-        {
-            Volatile.Write(ref tid, HostSignal.Gettid());
-            ((delegate* unmanaged<ulong*, void>)loop)(control);
-        }) { IsBackground = true };
-        caller.Start();
-        SpinWait.SpinUntil(() => Volatile.Read(ref tid) != 0);
+        var (caller, tid) = StartCaller(loop, control);
         try
         {
             Assert.That(host.ParkThread(tid, TimeSpan.FromSeconds(5)), Is.True, "the caller parks in the host handler");
@@ -84,10 +77,7 @@ public sealed unsafe class NestedSignalTests
         {
             *spinFlag = 0;
             host.Release();
-            var calls = Volatile.Read(ref control[Calls]);
-            SpinWait.SpinUntil(() => Volatile.Read(ref control[Calls]) > calls + 2, 5000);
-            Volatile.Write(ref control[Stop], 1);
-            Assert.That(caller.Join(TimeSpan.FromSeconds(5)), Is.True);
+            StopCaller(caller, control);
         }
 
         return control[Wrong];
@@ -139,14 +129,7 @@ public sealed unsafe class NestedSignalTests
         Assert.That(je, Is.Not.Zero);
         var restart = site.Chain.Slot is { } slot ? (ulong)Marshal.ReadInt64((nint)slot.Descriptor, 24) : 0;
         using var host = new HostSignal(engine, HostSignal.SigRtMin() + 10, (je, je + 1), (restart, restart == 0 ? 0 : restart + 5));
-        var tid = 0;
-        var caller = new Thread(() =>
-        {
-            Volatile.Write(ref tid, HostSignal.Gettid());
-            ((delegate* unmanaged<ulong*, void>)loop)(control);
-        }) { IsBackground = true };
-        caller.Start();
-        SpinWait.SpinUntil(() => Volatile.Read(ref tid) != 0);
+        var (caller, tid) = StartCaller(loop, control);
         try
         {
             Assert.That(host.ParkThread(tid, TimeSpan.FromSeconds(20)), Is.True, "the caller parks at the je (or at the chains' restart)");
@@ -158,13 +141,33 @@ public sealed unsafe class NestedSignalTests
         finally
         {
             host.Release();
-            var calls = Volatile.Read(ref control[Calls]);
-            SpinWait.SpinUntil(() => Volatile.Read(ref control[Calls]) > calls + 2, 5000);
-            Volatile.Write(ref control[Stop], 1);
-            Assert.That(caller.Join(TimeSpan.FromSeconds(5)), Is.True);
+            StopCaller(caller, control);
         }
 
         return control[Wrong];
+    }
+
+    /// <summary>Runs the loop on a new thread; returns it with its kernel thread id.</summary>
+    private static (Thread Caller, int Tid) StartCaller(ulong loop, ulong* control)
+    {
+        var tid = 0;
+        var caller = new Thread(() =>
+        {
+            Volatile.Write(ref tid, HostSignal.Gettid());
+            ((delegate* unmanaged<ulong*, void>)loop)(control);
+        }) { IsBackground = true };
+        caller.Start();
+        SpinWait.SpinUntil(() => Volatile.Read(ref tid) != 0);
+        return (caller, tid);
+    }
+
+    /// <summary>Lets the caller make a few more calls (what a released outer context does), then stops it.</summary>
+    private static void StopCaller(Thread caller, ulong* control)
+    {
+        var calls = Volatile.Read(ref control[Calls]);
+        SpinWait.SpinUntil(() => Volatile.Read(ref control[Calls]) > calls + 2, 5000);
+        Volatile.Write(ref control[Stop], 1);
+        Assert.That(caller.Join(TimeSpan.FromSeconds(5)), Is.True);
     }
 
     /// <summary><c>loop(ulong* control)</c>: load the target, call through the site, count what the target says, until stop.</summary>

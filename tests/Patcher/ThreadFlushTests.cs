@@ -13,21 +13,9 @@ public sealed unsafe class ThreadFlushTests
     public void A_flush_moves_a_thread_out_of_a_critical_range()
     {
         using var engine = new OptpolineEngine();
-        // spin: pause; jmp spin   -- forever, unless a flush redirects it to `exit`.
-        var asm = new Assembler(64);
-        var spin = asm.CreateLabel();
-        asm.mov(eax, 1);
-        asm.Label(ref spin);
-        asm.pause();
-        asm.jmp(spin);
-        asm.mov(eax, 2);   // exit: 5 bytes after the 2-byte jmp
-        asm.ret();
-        var code = engine.Assemble(asm);
-        var loopStart = code.Address + 5;
-        var exit = loopStart + 4;
-
+        var (code, loopStart, exit) = EmitSpinner(engine);
         var result = 0;
-        var thread = new Thread(() => result = ((delegate* unmanaged<int>)code.Address)()) { IsBackground = true };
+        var thread = new Thread(() => result = ((delegate* unmanaged<int>)code)()) { IsBackground = true };
         thread.Start();
         Thread.Sleep(50);
         Assert.That(thread.IsAlive, Is.True, "the thread spins in the range");
